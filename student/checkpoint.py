@@ -1,0 +1,104 @@
+"""Atomic checkpoints for the student run.
+
+``save_checkpoint(path, model=m, optimizer=o, scheduler=s, scaler=sc, ema=e, epoch=3, step=120,
+data={...})`` stores ``obj.state_dict()`` for every value that has one and the value itself
+otherwise. Written to a temporary file then ``os.replace``-d, so a crash never leaves a
+half-written checkpoint under the final name. No RNG state is stored: augmentation and data
+order are counter-based (seed, epoch, sample_id, view).
+
+Files in a run folder are named ``checkpoint-<N>.pt`` (N = epoch or step, the caller's choice;
+``latest_checkpoint`` picks the largest N) and optionally ``last.pt``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "checkpoint_path",
+    "restore",
+]
+
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or incomplete (message names the file)."""
+
+
+def checkpoint_path(run_dir: str | os.PathLike, n: int) -> Path:
+    """``<run_dir>/checkpoint-<n:06d>.pt``."""
+    return Path(run_dir) / f"checkpoint-{n:06d}.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
+    """Atomically write ``state`` (objects with ``state_dict()`` are stored as their state dict)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        k: (v.state_dict() if hasattr(v, "state_dict") and callable(v.state_dict) else v)
+        for k, v in state.items()
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint (``weights_only=True`` first; falls back to full unpickling for
+    checkpoints holding non-tensor objects, which are our own files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # a non-allowlisted object: retry below
+    except Exception as e:  # truncated / not a torch file
+        raise CheckpointError(f"checkpoint {path}: cannot read ({type(e).__name__}: {e})") from e
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read ({type(e).__name__}: {e})") from e
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """Highest-numbered ``checkpoint-<N>.pt`` in ``run_dir``, else ``last.pt``, else None."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    numbered = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    if numbered:
+        return max(numbered)[1]
+    last = run_dir / "last.pt"
+    return last if last.is_file() else None
+
+
+def restore(state: dict, path: str | os.PathLike = "<checkpoint>", **objects: Any) -> None:
+    """``objects[k].load_state_dict(state[k])`` for each given object (None objects skipped).
+
+    Raises CheckpointError naming the file and key when a requested key is absent.
+    """
+    for key, obj in objects.items():
+        if obj is None:
+            continue
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path}: missing key {key!r} (has {sorted(state)})")
+        obj.load_state_dict(state[key])
