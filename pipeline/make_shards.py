@@ -1,0 +1,218 @@
+"""Write WebDataset shards + manifest from an ImageFolder tree or the Fashion-MNIST IDX files.
+
+Examples::
+
+    # ImageNet-style tree: ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG
+    python -m pipeline.make_shards imagefolder --root /data/imagenet --out /data/imagenet-wds
+    # or separate folders, class order from a file (first token per line, e.g. LOC_synset_mapping.txt)
+    python -m pipeline.make_shards imagefolder --train-dir T --val-dir V --classes synsets.txt --out OUT
+
+    # Fashion-MNIST (first N images of train / t10k), PNG-encoded, lossless
+    python -m pipeline.make_shards fmnist --out /data/fmnist-wds --limit-train 6000 --limit-val 1000
+
+Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/manifest.json (see pipeline/shards.py).
+Class index = position in sorted class-folder names of the train folder (or in --classes).
+The val folder must use class subfolders too (e.g. after ImageNet's valprep.sh).
+Sample order (= sample_id) is sorted class folder, then sorted relative file path.
+A corrupt or unreadable image stops the run with an error naming the file, unless
+--skip-bad, which records it (path + error) under "skipped" in the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import struct
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.shards import ShardError, SourceSample, encode_png, sanitize_key, write_shards
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """Class folder names, one per line; only the first whitespace token counts (synset files)."""
+    names = [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+    dup = [n for n, c in Counter(names).items() if c > 1]
+    if dup:
+        raise ValueError(f"{path}: duplicate class names {dup[:5]}")
+    return names
+
+
+def scan_imagefolder(root: str | os.PathLike, classes: Sequence[str] | None = None
+                     ) -> tuple[list[str], list[tuple[Path, int]]]:
+    """List (file, label) pairs of an ImageFolder tree, in deterministic order.
+
+    Files with a non-image extension are ignored (their count is reported on stderr).
+    A class subfolder absent from ``classes`` is an error naming it.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if classes is None:
+        classes = folders
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise ValueError(f"{root}: class folders not in the class list: {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+    files: list[tuple[Path, int]] = []
+    ignored = 0
+    for folder in folders:
+        for p in sorted((root / folder).rglob("*")):
+            if not p.is_file():
+                continue
+            if p.suffix.lower() in IMG_EXTENSIONS:
+                files.append((p, index[folder]))
+            else:
+                ignored += 1
+    if ignored:
+        print(f"{root}: ignored {ignored} files without an image extension {IMG_EXTENSIONS}", file=sys.stderr)
+    return list(classes), files
+
+
+def imagefolder_samples(root: Path, files: list[tuple[Path, int]]) -> list[SourceSample]:
+    """SourceSamples with keys = file stem (ImageNet style) or ``<class>_<stem>`` if stems collide."""
+    stems = [sanitize_key(p.stem) for p, _ in files]
+    if len(set(stems)) != len(stems):
+        stems = [sanitize_key(str(p.relative_to(root).with_suffix(""))) for p, _ in files]
+        if len(set(stems)) != len(stems):
+            dup = [k for k, c in Counter(stems).items() if c > 1]
+            raise ValueError(f"{root}: file names give duplicate sample keys {dup[:5]}")
+    return [SourceSample(key=k, label=label, path=str(p)) for k, (p, label) in zip(stems, files)]
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read a (gzipped) IDX file into a uint8 numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fmnist(split: str, root: str | os.PathLike = FMNIST_DIR, limit: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N,28,28] uint8, labels [N] uint8) of split 'train' or 'val' (= t10k), first ``limit``."""
+    img_name, lab_name = FMNIST_FILES[split]
+    images, labels = read_idx(Path(root) / img_name), read_idx(Path(root) / lab_name)
+    if len(images) != len(labels):
+        raise ValueError(f"{root}: {img_name} has {len(images)} images, {lab_name} {len(labels)} labels")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def fmnist_samples(split: str, images: np.ndarray, labels: np.ndarray) -> Iterator[SourceSample]:
+    """Grayscale PNG samples keyed ``fmnist_<split>_<index in the IDX file>``."""
+    for i, (img, label) in enumerate(zip(images, labels)):
+        key = f"fmnist_{split}_{i:06d}"
+        yield SourceSample(key=key, label=int(label), path=f"{FMNIST_FILES[split][0]}[{i}]",
+                           data=encode_png(Image.fromarray(img)))
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _bar(desc: str, total: int):
+    return lambda it: tqdm(it, total=total, desc=desc, unit="img", dynamic_ncols=True)
+
+
+def _print_summary(m) -> None:
+    print(f"{m.path}: {m.num_samples} samples in {len(m.shards)} shards of {m.shard_size}, "
+          f"{m.num_classes} classes, {len(m.skipped)} skipped")
+    for s in m.skipped:
+        print(f"  skipped {s['path']}: {s['error']}", file=sys.stderr)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.make_shards",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="source", required=True)
+
+    def common(sp, shard_size):
+        sp.add_argument("--out", required=True, help="dataset root; writes OUT/<split>/ shards + manifest.json")
+        sp.add_argument("--shard-size", type=int, default=shard_size,
+                        help=f"samples per shard (all shards but the last are exactly this size; default {shard_size})")
+        sp.add_argument("--skip-bad", action="store_true",
+                        help="record unreadable/corrupt images in manifest 'skipped' instead of failing")
+        sp.add_argument("--overwrite", action="store_true", help="replace existing shards of the split(s)")
+
+    f = sub.add_parser("imagefolder", help="ImageNet-style tree: class subfolders of images",
+                       description="Shard an ImageFolder tree (class subfolders). Keeps JPEG/PNG bytes as they are.")
+    f.add_argument("--root", help="folder with train/ and/or val/ subfolders")
+    f.add_argument("--train-dir", help="train folder (overrides ROOT/train)")
+    f.add_argument("--val-dir", help="val folder (overrides ROOT/val)")
+    f.add_argument("--classes", help="file listing class folder names in label order (first token per line); "
+                                     "default: sorted train folder names")
+    common(f, 1000)
+
+    m = sub.add_parser("fmnist", help="Fashion-MNIST IDX files -> PNG shards",
+                       description="Shard Fashion-MNIST (train -> train, t10k -> val) as lossless PNG.")
+    m.add_argument("--dir", default=FMNIST_DIR, help=f"folder with the *-ubyte.gz files (default {FMNIST_DIR})")
+    m.add_argument("--limit-train", type=int, default=None, help="take the first N train images (default all)")
+    m.add_argument("--limit-val", type=int, default=None, help="take the first N t10k images (default all)")
+    common(m, 1000)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.source == "fmnist":
+        for split, limit in (("train", args.limit_train), ("val", args.limit_val)):
+            images, labels = load_fmnist(split, args.dir, limit)
+            m = write_shards(fmnist_samples(split, images, labels), args.out, split, FMNIST_CLASSES,
+                             args.shard_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                             source={"type": "fmnist", "dir": str(args.dir), "files": FMNIST_FILES[split],
+                                     "limit": limit},
+                             progress=_bar(f"fmnist {split}", len(images)))
+            _print_summary(m)
+        return 0
+
+    dirs = {"train": args.train_dir or (args.root and os.path.join(args.root, "train")),
+            "val": args.val_dir or (args.root and os.path.join(args.root, "val"))}
+    dirs = {k: v for k, v in dirs.items() if v and (os.path.isdir(v) or k == "train" and args.train_dir
+                                                     or k == "val" and args.val_dir)}
+    if not dirs:
+        raise SystemExit("imagefolder: give --root (with train/ or val/) or --train-dir/--val-dir")
+    classes = read_class_list(args.classes) if args.classes else None
+    if classes is None and "train" not in dirs:
+        raise SystemExit("imagefolder: without a train folder, give --classes to fix the label order")
+    for split in ("train", "val"):
+        if split not in dirs:
+            continue
+        classes, files = scan_imagefolder(dirs[split], classes)
+        samples = imagefolder_samples(Path(dirs[split]), files)
+        m = write_shards(samples, args.out, split, classes, args.shard_size, skip_bad=args.skip_bad,
+                         overwrite=args.overwrite,
+                         source={"type": "imagefolder", "dir": os.path.abspath(dirs[split])},
+                         progress=_bar(f"{split}", len(samples)))
+        _print_summary(m)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ShardError, ValueError, FileNotFoundError, FileExistsError) as exn:
+        print(f"make_shards: error: {exn}", file=sys.stderr)
+        sys.exit(2)

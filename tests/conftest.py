@@ -1,0 +1,69 @@
+"""Shared test fixtures: small real data made on the fly (offline, ~1 s to build).
+
+* ``fmnist_shards``: Fashion-MNIST slice as shards (256 train / 128 val, shard_size 64) from
+  the Debian IDX files; skipped when they are absent.
+* ``make_imagefolder``: builder for a tiny RGB ImageFolder tree (JPEG + PNG files).
+* ``rgb_shards``: such a tree (3 classes x 7 images) written as a ``train`` split, shard_size 8.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def build_imagefolder(root, classes=("cat", "dog", "eel"), per_class=4, size=(24, 18), seed=0):
+    """Write ``root/<class>/<class>_<i>.{jpg|png}`` images (even i JPEG, odd i PNG) and return root.
+
+    Pixels are seeded noise plus a class-dependent tint, so images differ and decode exactly
+    (PNG) or deterministically (JPEG).
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = size[0] + i, size[1] + 2 * c   # varied sizes/aspect ratios
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            arr[..., c % 3] //= 2
+            ext = "jpg" if i % 2 == 0 else "png"
+            Image.fromarray(arr).save(root / name / f"{name}_{i}.{ext}", quality=90)
+    return root
+
+
+@pytest.fixture
+def make_imagefolder():
+    """Builder ``make_imagefolder(root, classes=..., per_class=..., size=(w, h), seed=...) -> root``."""
+    return build_imagefolder
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory) -> Path:
+    """Dataset root with ``train`` (256 samples) and ``val`` (128) split folders, shard_size 64."""
+    if not os.path.exists(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"Fashion-MNIST IDX files not found in {FMNIST_DIR} (Debian package fashion-mnist)")
+    from pipeline.make_shards import main
+
+    out = tmp_path_factory.mktemp("fmnist_shards")
+    main(["fmnist", "--out", str(out), "--dir", FMNIST_DIR, "--limit-train", "256",
+          "--limit-val", "128", "--shard-size", "64"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def rgb_shards(tmp_path_factory) -> Path:
+    """Dataset root with a ``train`` split of 3 classes x 7 images (JPEG+PNG, RGB), shard_size 8
+    (shards of 8, 8, 5 samples)."""
+    from pipeline.make_shards import imagefolder_samples, scan_imagefolder
+    from pipeline.shards import write_shards
+
+    base = tmp_path_factory.mktemp("rgb")
+    src = build_imagefolder(base / "src" / "train", per_class=7)
+    classes, files = scan_imagefolder(src)
+    write_shards(imagefolder_samples(src, files), base / "shards", "train", classes, 8, source="rgb fixture")
+    return base / "shards"

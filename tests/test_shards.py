@@ -1,0 +1,159 @@
+"""Shards: round trip with stable sample ids, manifest checks, corrupt inputs, Fashion-MNIST slice."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.make_shards import FMNIST_CLASSES, FMNIST_DIR, load_fmnist, main as make_shards_main
+from pipeline.shards import (
+    SampleError,
+    ShardError,
+    ShardInfo,
+    decode_image,
+    iter_samples,
+    load_manifest,
+    read_shard,
+    verify_manifest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _source_files(root: Path) -> list[tuple[Path, int]]:
+    classes = sorted(p.name for p in root.iterdir())
+    return [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())]
+
+
+def test_imagefolder_round_trip_cli(tmp_path, make_imagefolder):
+    src = tmp_path / "src"
+    make_imagefolder(src / "train", per_class=5)
+    make_imagefolder(src / "val", per_class=2, seed=1)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "pipeline.make_shards", "imagefolder", "--root", str(src),
+                        "--out", str(out), "--shard-size", "4"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for split, n in (("train", 15), ("val", 6)):
+        m = load_manifest(out / split)
+        verify_manifest(m)
+        assert m.num_samples == n and m.classes == ["cat", "dog", "eel"] and m.num_classes == 3
+        assert [s.count for s in m.shards] == [4] * (n // 4) + [n % 4]
+        assert [s.first_id for s in m.shards] == [4 * i for i in range(len(m.shards))]
+        files = _source_files(src / split)
+        samples = list(iter_samples(m, verify=True))
+        assert [s.sample_id for s in samples] == list(range(n))
+        for s, (path, label) in zip(samples, files):
+            assert s.data == path.read_bytes(), f"bytes changed for {path}"
+            assert s.label == label and s.key == path.stem
+            assert s.ext == path.suffix[1:]
+            assert decode_image(s).mode == "RGB"
+            assert m.shard_of(s.sample_id).name == s.shard
+
+
+def test_rewrite_is_byte_identical(tmp_path, make_imagefolder):
+    src = make_imagefolder(tmp_path / "src")
+    args = ["imagefolder", "--train-dir", str(src), "--shard-size", "5"]
+    make_shards_main(args + ["--out", str(tmp_path / "a")])
+    make_shards_main(args + ["--out", str(tmp_path / "b")])
+    assert load_manifest(tmp_path / "a" / "train").sha256 == load_manifest(tmp_path / "b" / "train").sha256
+    with pytest.raises(FileExistsError):
+        make_shards_main(args + ["--out", str(tmp_path / "a")])
+
+
+def test_tampered_and_truncated_shard(tmp_path, make_imagefolder):
+    src = make_imagefolder(tmp_path / "src")
+    make_shards_main(["imagefolder", "--train-dir", str(src), "--out", str(tmp_path / "o"), "--shard-size", "5"])
+    m = load_manifest(tmp_path / "o" / "train")
+    target = m.shards[1]
+    path = Path(m.url(target))
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0xFF  # inside the first image's bytes; same size
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="train-000001.tar.*sha256"):
+        verify_manifest(m)
+    with pytest.raises(ShardError, match="train-000001.tar"):
+        read_shard(str(path), target, verify=True)
+
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ShardError, match="train-000001.tar.*size"):
+        verify_manifest(m)
+    with pytest.raises(ShardError, match="train-000001.tar"):
+        read_shard(str(path), target)
+    # cut at a member boundary: tarfile sees a clean end, the count check must catch it
+    path.write_bytes(bytes(data[: 512 * 3]))
+    with pytest.raises(ShardError, match="train-000001.tar"):
+        read_shard(str(path), target)
+    path.unlink()
+    with pytest.raises(ShardError, match="train-000001.tar.*missing"):
+        read_shard(str(path), target)
+
+
+def test_wrong_sid_is_reported(tmp_path, make_imagefolder):
+    src = make_imagefolder(tmp_path / "src")
+    make_shards_main(["imagefolder", "--train-dir", str(src), "--out", str(tmp_path / "o"), "--shard-size", "5"])
+    m = load_manifest(tmp_path / "o" / "train")
+    shifted = ShardInfo(**{**m.shards[1].__dict__, "first_id": 6})
+    with pytest.raises(ShardError, match=r"train-000001.tar key dog_1: sid 5 at position 0"):
+        read_shard(m.url(1), shifted)
+
+
+def test_corrupt_image_error_and_skip_bad(tmp_path, make_imagefolder):
+    src = make_imagefolder(tmp_path / "src")
+    bad = src / "dog" / "dog_1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated PNG
+    (src / "dog" / "notes.txt").write_text("not an image")  # ignored (non-image extension)
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "pipeline.make_shards", "imagefolder", "--train-dir", str(src),
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert str(bad) in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "train" / "manifest.json").exists()
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.make_shards", "imagefolder", "--train-dir", str(src),
+                        "--out", str(out), "--skip-bad", "--overwrite", "--shard-size", "5"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(out / "train")
+    assert m.num_samples == 11 and [s.count for s in m.shards] == [5, 5, 1]
+    assert [s["path"] for s in m.skipped] == [str(bad)]
+    assert "cannot decode" in m.skipped[0]["error"]
+    assert "dog_1" not in {s.key for s in iter_samples(m)}
+
+
+def test_decode_image_names_shard_and_key(rgb_shards):
+    m = load_manifest(rgb_shards / "train")
+    raw = read_shard(m.url(0), m.shards[0])[3]
+    raw.data = raw.data[:40]
+    with pytest.raises(SampleError, match=f"shard train-000000.tar key {raw.key}") as info:
+        decode_image(raw)
+    assert info.value.key == raw.key and info.value.shard == "train-000000.tar"
+
+
+def test_manifest_helpers(rgb_shards):
+    m = load_manifest(rgb_shards / "train")
+    assert [s.count for s in m.shards] == [8, 8, 5] and m.num_samples == 21
+    assert m.shard_of(0).index == 0 and m.shard_of(15).index == 1 and m.shard_of(20).index == 2
+    with pytest.raises(IndexError):
+        m.shard_of(21)
+    d = json.loads((rgb_shards / "train" / "manifest.json").read_text())
+    assert d["version"] == 1 and d["skipped"] == [] and d["source"] == "rgb fixture"
+
+
+def test_fmnist_slice_matches_idx(fmnist_shards):
+    for split, n in (("train", 256), ("val", 128)):
+        m = load_manifest(fmnist_shards / split)
+        verify_manifest(m)
+        assert m.num_samples == n and m.classes == FMNIST_CLASSES and m.shard_size == 64
+        images, labels = load_fmnist(split, FMNIST_DIR, n)
+        for s in iter_samples(m):
+            i = s.sample_id
+            assert s.key == f"fmnist_{split}_{i:06d}" and s.ext == "png"
+            assert s.label == labels[i]
+            rgb = np.asarray(decode_image(s))
+            assert rgb.shape == (28, 28, 3)
+            assert (rgb == images[i][..., None]).all(), f"pixels differ for {s.key}"
