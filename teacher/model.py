@@ -1,0 +1,290 @@
+"""The teacher: a frozen classifier that scores augmented images into top-k targets.
+
+Any timm classifier by name (default ``regnety_160``, DeiT's teacher) or any
+``callable="module:fn"`` returning an ``nn.Module``; weights come from a local (or fsspec)
+file loaded with ``torch.load(weights_only=True)`` — nothing is downloaded at run time.
+The model runs in eval mode, channels_last, with bf16/fp16 autocast on CUDA only and an
+optional ``torch.compile``.
+
+``Teacher.score`` returns top-k logits sorted descending, their class indices and the
+log-sum-exp over all classes, which is all the student needs to rebuild the teacher's
+distribution at any temperature (log-prob = logit - lse).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pipeline.config import ConfigBase, check
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_AMP = ("auto", "bf16", "fp16", "none")
+# Wrappers seen in the wild around a state dict, most specific first.
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+
+
+class TeacherLoadError(ValueError):
+    """A teacher checkpoint is missing or does not match the architecture (keys are named)."""
+
+
+@dataclass
+class TeacherConfig(ConfigBase):
+    """How to build the teacher. ``mean``/``std`` are the normalization its weights expect."""
+
+    name: str = "regnety_160"
+    checkpoint: str | None = None
+    callable: str | None = None
+    num_classes: int = 1000
+    model_kwargs: dict = field(default_factory=dict)
+    stem_stride: int | None = None
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.amp in _AMP, "amp", f"must be one of {_AMP}, found {self.amp!r}")
+        check(self.num_classes > 0, "num_classes", f"must be positive, found {self.num_classes}")
+        check(self.input_size > 0, "input_size", f"must be positive, found {self.input_size}")
+        check(self.stem_stride is None or self.stem_stride >= 1, "stem_stride",
+              f"must be >= 1 or null, found {self.stem_stride}")
+        check(self.callable is None or ":" in self.callable, "callable",
+              f"must look like 'module:function', found {self.callable!r}")
+        check(len(self.mean) == 3 and len(self.std) == 3, "mean/std", "need 3 channels")
+
+
+@dataclass
+class TeacherOutput:
+    """Top-k scores of one batch (tensors on the teacher's device).
+
+    values: float32 [B, k] logits sorted descending; indices: int64 [B, k];
+    lse: float32 [B] log-sum-exp over all classes.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    lse: torch.Tensor
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        """Top-k log-probabilities, ``values - lse``."""
+        return self.values - self.lse[:, None]
+
+
+def file_sha256(path: str) -> str:
+    """sha256 hex of a local or fsspec file."""
+    h = hashlib.sha256()
+    with _open(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _open(path: str):
+    if "://" in path:
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
+def unwrap_state_dict(obj: Any, path: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """Return the state dict inside a checkpoint: plain, or wrapped as {"model": sd}, {"state_dict": sd}, ...
+
+    A ``module.`` prefix (DDP) is stripped; lukemelas EfficientNet names are converted to timm's.
+    """
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise TeacherLoadError(f"{path}: no state dict found; top-level keys: {sorted(obj)[:10]}")
+        obj = inner
+    if not isinstance(obj, dict):
+        raise TeacherLoadError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    from teacher import efficientnet_lite
+
+    if efficientnet_lite.is_lukemelas_state_dict(obj):
+        obj = efficientnet_lite.convert_state_dict(obj)
+    return obj
+
+
+def _list(keys: list[str], limit: int = 12) -> str:
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_weights(model: nn.Module, path: str, model_name: str) -> None:
+    """Strictly load ``path`` into ``model``; raise TeacherLoadError listing missing/unexpected/mis-shaped keys."""
+    try:
+        with _open(path) as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise TeacherLoadError(f"teacher {model_name}: checkpoint not found: {path}") from e
+    sd = unwrap_state_dict(obj, path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"teacher {model_name}: checkpoint {path} does not match the model"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_list(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {_list(shapes)}")
+        raise TeacherLoadError("; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+def _resolve_callable(spec: str) -> Callable[..., nn.Module]:
+    module, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise TeacherLoadError(f"teacher callable {spec!r} cannot be imported: {e}") from e
+
+
+def set_stem_stride(model: nn.Module, stride: int) -> str:
+    """Set the stride of the model's first convolution (e.g. 1 for a 32 px teacher); return its name."""
+    first = getattr(model, "pretrained_cfg", {}).get("first_conv") if hasattr(model, "pretrained_cfg") else None
+    modules = dict(model.named_modules())
+    conv = modules.get(first) if first else None
+    if not isinstance(conv, nn.Conv2d):
+        first, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if conv is None:
+        raise TeacherLoadError("stem_stride: the model has no Conv2d stem")
+    conv.stride = (stride, stride)
+    return first
+
+
+def create_model(cfg: TeacherConfig) -> nn.Module:
+    """Build the architecture (random init) from a timm name or ``module:fn`` callable."""
+    if cfg.callable:
+        model = _resolve_callable(cfg.callable)(**cfg.model_kwargs)
+    else:
+        import timm
+
+        try:
+            model = timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes, **cfg.model_kwargs)
+        except RuntimeError as e:
+            raise TeacherLoadError(f"teacher name {cfg.name!r}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise TeacherLoadError(f"teacher callable {cfg.callable!r} returned {type(model).__name__}, not nn.Module")
+    if cfg.stem_stride is not None:
+        set_stem_stride(model, cfg.stem_stride)
+    return model
+
+
+class Teacher:
+    """A frozen classifier plus its scoring rule.
+
+    Args:
+        model: the network (already loaded).
+        cfg: its TeacherConfig.
+        device: where it runs.
+        k: default number of classes kept by :meth:`score`.
+        input_mean, input_std: normalization of the images given to :meth:`score` (e.g. the
+            augmentation plan's); when different from ``cfg.mean/std`` the images are
+            re-normalized on the fly. ``None`` means the images already use ``cfg.mean/std``.
+        checkpoint_sha256: sha256 of the weight file, ``"random"`` for an un-loaded timm model,
+            or ``"callable:<module:fn>"`` when the callable supplies its own weights.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TeacherConfig, device: str | torch.device = "cpu", k: int = 10,
+                 input_mean=None, input_std=None, checkpoint_sha256: str = "random"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.k = k
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.num_classes = cfg.num_classes
+        model = model.eval().requires_grad_(False).to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.module = model
+        self.model = torch.compile(model) if cfg.compile else model
+        self._affine = None
+        if input_mean is not None or input_std is not None:
+            in_mean = torch.tensor(input_mean if input_mean is not None else cfg.mean)
+            in_std = torch.tensor(input_std if input_std is not None else cfg.std)
+            mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+            if not (torch.equal(in_mean, mean) and torch.equal(in_std, std)):
+                # x_raw = x_in * in_std + in_mean ; x_teacher = (x_raw - mean) / std
+                scale = (in_std / std).view(1, 3, 1, 1).to(self.device)
+                shift = ((in_mean - mean) / std).view(1, 3, 1, 1).to(self.device)
+                self._affine = (scale, shift)
+
+    def _autocast(self):
+        if self.device.type != "cuda" or self.cfg.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.cfg.amp == "fp16" else torch.bfloat16
+        return torch.autocast("cuda", dtype=dtype)
+
+    @torch.inference_mode()
+    def forward_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Full float32 logits [B, num_classes] for a normalized image batch [B, 3, H, W]."""
+        x = images.to(self.device, non_blocking=True).float()
+        if self._affine is not None:
+            x = x * self._affine[0] + self._affine[1]
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            logits = self.model(x)
+        if isinstance(logits, (tuple, list)):  # distilled models return (cls, dist) in some modes
+            logits = logits[0]
+        logits = logits.float()
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(f"teacher {self.cfg.name}: {logits.shape[-1]} logits, config says {self.num_classes}")
+        return logits
+
+    @torch.inference_mode()
+    def score(self, images: torch.Tensor, k: int | None = None) -> TeacherOutput:
+        """Top-k logits (sorted descending), their indices and the full log-sum-exp."""
+        k = self.k if k is None else k
+        if not 1 <= k <= self.num_classes:
+            raise ValueError(f"k must be in [1, {self.num_classes}], found {k}")
+        logits = self.forward_logits(images)
+        values, indices = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
+        return TeacherOutput(values=values.float(), indices=indices.long(),
+                             lse=torch.logsumexp(logits, dim=-1).float())
+
+
+def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", *, k: int = 10,
+                  input_mean=None, input_std=None) -> Teacher:
+    """Build, load and freeze the teacher described by ``cfg``.
+
+    Without ``cfg.checkpoint`` a timm model keeps its random init (``checkpoint_sha256="random"``);
+    a ``callable`` may load its own weights (``checkpoint_sha256="callable:<spec>"``).
+
+    Raises:
+        TeacherLoadError: unknown model, missing checkpoint file, or a state dict whose keys or
+            shapes do not match (the message lists the missing / unexpected keys).
+    """
+    model = create_model(cfg)
+    if cfg.checkpoint:
+        load_weights(model, cfg.checkpoint, cfg.callable or cfg.name)
+        sha = file_sha256(cfg.checkpoint)
+    else:
+        sha = f"callable:{cfg.callable}" if cfg.callable else "random"
+    return Teacher(model, cfg, device=device, k=k, input_mean=input_mean, input_std=input_std,
+                   checkpoint_sha256=sha)
+
+
+def describe(teacher: Teacher) -> dict:
+    """Provenance dict for cache attrs: the config plus the checkpoint hash."""
+    return {**teacher.cfg.to_dict(), "checkpoint_sha256": teacher.checkpoint_sha256}
+
+
+__all__ = ["TeacherConfig", "TeacherOutput", "Teacher", "TeacherLoadError", "build_teacher",
+           "unwrap_state_dict", "load_weights", "file_sha256", "set_stem_stride", "describe"]

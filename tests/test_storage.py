@@ -1,0 +1,222 @@
+"""Cache format: round trip, done markers, resume, mismatches, readiness, concurrency, fsspec."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from storage import CacheMismatchError, CacheNotReady, create_cache, open_cache
+from storage import encoding
+
+SHARD_SIZE = 8
+SHARDS = [(0, 8), (8, 8), (16, 5)]  # last shard short
+N, EPOCHS, VIEWS, K, C = 21, 2, 2, 4, 1000
+ATTRS = {"teacher": "regnety_160", "fingerprint": "f" * 64, "manifest_sha256": "m" * 64, "seed": 0, "k": K}
+
+
+def _create(path, **changes):
+    kw = dict(shards=SHARDS, shard_size=SHARD_SIZE, num_samples=N, epochs=EPOCHS, views=VIEWS, k=K,
+              num_classes=C, attrs=ATTRS)
+    kw.update(changes)
+    return create_cache(path, **kw)
+
+
+def _item(epoch, shard, seed=0):
+    """All rows of one item with realistic sorted log-probs and distinct indices."""
+    first, count = SHARDS[shard]
+    rng = np.random.default_rng([seed, epoch, shard])
+    ids = np.repeat(np.arange(first, first + count), VIEWS)
+    views = np.tile(np.arange(VIEWS), count)
+    logits = rng.normal(size=(len(ids), C)) * 3
+    top = np.argsort(-logits, axis=1)[:, :K]
+    lse = np.log(np.exp(logits).sum(1))
+    lp = np.take_along_axis(logits, top, 1) - lse[:, None]
+    return ids, views, lp.astype(np.float32), top
+
+
+def _write_all(path):
+    w = _create(path)
+    for e in range(EPOCHS):
+        for s in range(len(SHARDS)):
+            w.write_item(e, s, *_item(e, s))
+    return w
+
+
+def test_round_trip_within_quantization(tmp_path):
+    _write_all(tmp_path / "c.zarr")
+    r = open_cache(tmp_path / "c.zarr")
+    assert (r.epochs, r.views, r.k, r.num_classes) == (EPOCHS, VIEWS, K, C)
+    for e in range(EPOCHS):
+        for s in range(len(SHARDS)):
+            ids, views, lp, idx = _item(e, s)
+            order = np.random.default_rng(1).permutation(len(ids))
+            got_lp, got_idx, valid = r.lookup(e, ids[order], views[order])
+            assert got_lp.dtype == np.float32 and got_idx.dtype == np.int64 and valid.all()
+            np.testing.assert_array_equal(got_idx, idx[order])
+            assert np.abs(got_lp - lp[order]).max() <= encoding.STEP / 2 + 1e-6
+    assert r.bytes_on_disk() > r.bytes_on_disk(metadata=False) > 0
+    assert r.attrs["teacher"] == "regnety_160" and r.attrs["format_version"] == 1
+
+
+def test_done_marker_written_after_data(tmp_path, monkeypatch):
+    w = _create(tmp_path / "c.zarr")
+    order = []
+    for name in ("_logp", "_index", "_valid", "_done"):
+        arr = getattr(w, name)
+        real = arr.__setitem__
+
+        class Spy:
+            def __getattr__(self, a, arr=arr):
+                return getattr(arr, a)
+
+            def __getitem__(self, key, arr=arr):
+                return arr[key]
+
+            def __setitem__(self, key, value, name=name, real=real):
+                order.append(name)
+                real(key, value)
+
+        setattr(w, name, Spy())
+    w.write_item(0, 1, *_item(0, 1))
+    assert order[-1] == "_done" and set(order[:-1]) == {"_logp", "_index", "_valid"}
+    assert w.is_done(0, 1) and not w.is_done(0, 0) and w.done_items() == {(0, 1)}
+
+
+def test_resume_reopens_and_mismatch_names_field(tmp_path):
+    path = tmp_path / "c.zarr"
+    w = _create(path)
+    w.write_item(1, 0, *_item(1, 0))
+    again = _create(path)  # identical attrs: resume
+    assert again.done_items() == {(1, 0)}
+    for changes, field in [({"k": 5}, "k"),
+                           ({"attrs": {**ATTRS, "teacher": "deit"}}, "teacher"),
+                           ({"attrs": {**ATTRS, "fingerprint": "0" * 64}}, "fingerprint"),
+                           ({"attrs": {**ATTRS, "manifest_sha256": "x"}}, "manifest_sha256"),
+                           ({"epochs": 3}, "epochs")]:
+        with pytest.raises(CacheMismatchError, match=rf"field {field}: expected"):
+            _create(path, **changes)
+    for expect, field in [({"k": 10}, "k"), ({"teacher": "deit"}, "teacher"),
+                          ({"fingerprint": "0"}, "fingerprint"), ({"manifest_sha256": "x"}, "manifest_sha256")]:
+        with pytest.raises(CacheMismatchError, match=rf"field {field}: expected .*, found "):
+            open_cache(path, expect=expect)
+    assert open_cache(path, expect={"k": K, "teacher": "regnety_160", "num_classes": C}).k == K
+
+
+def test_not_ready_names_epoch_and_shard(tmp_path):
+    w = _create(tmp_path / "c.zarr")
+    w.write_item(0, 0, *_item(0, 0))
+    r = open_cache(tmp_path / "c.zarr")
+    r.lookup(0, np.array([0, 7]), np.array([0, 1]))
+    with pytest.raises(CacheNotReady, match="epoch 0 shard 1") as info:
+        r.lookup(0, np.array([3, 9]), np.array([0, 0]))
+    assert (info.value.epoch, info.value.shard) == (0, 1)
+    with pytest.raises(CacheNotReady, match="epoch 1 shard 0"):
+        r.lookup(1, np.array([0]), np.array([0]))
+
+
+def test_wait_done_returns_when_marked_by_another_thread(tmp_path):
+    w = _create(tmp_path / "c.zarr")
+    r = open_cache(tmp_path / "c.zarr")
+    messages = []
+    t = threading.Timer(0.3, lambda: w.write_item(1, 2, *_item(1, 2)))
+    t.start()
+    start = time.monotonic()
+    r.wait_done(1, 2, timeout=10, poll=0.05, log=messages.append)
+    t.join()
+    assert time.monotonic() - start < 5
+    assert messages and "epoch 1 shard 2" in messages[0]
+    assert r.lookup(1, np.array([20]), np.array([1]))[2].all()
+    with pytest.raises(TimeoutError, match="epoch 0 shard 0"):
+        r.wait_done(0, 0, timeout=0.1, poll=0.05, log=None)
+
+
+def test_missing_rows_recorded_and_invalid(tmp_path):
+    w = _create(tmp_path / "c.zarr")
+    ids, views, lp, idx = _item(0, 1)
+    keep = ~((ids == 10) | ((ids == 12) & (views == 1)))
+    missing = [{"shard": "train-000001.tar", "key": "k10", "epoch": 0, "view": v, "reason": "corrupt"}
+               for v in range(VIEWS)] + [{"shard": "train-000001.tar", "key": "k12", "epoch": 0, "view": 1,
+                                          "reason": "partner corrupt"}]
+    w.write_item(0, 1, ids[keep], views[keep], lp[keep], idx[keep], missing=missing)
+    r = open_cache(tmp_path / "c.zarr")
+    _, got_idx, valid = r.lookup(0, ids, views)
+    np.testing.assert_array_equal(valid, keep)
+    np.testing.assert_array_equal(got_idx[keep], idx[keep])
+    assert r.missing_records() == missing
+
+
+def test_write_item_rejects_bad_rows(tmp_path):
+    w = _create(tmp_path / "c.zarr")
+    ids, views, lp, idx = _item(0, 0)
+    with pytest.raises(ValueError, match="epoch 0 shard 0: sample_id 8"):
+        w.write_item(0, 0, ids + 1, views, lp, idx)
+    bad = lp.copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        w.write_item(0, 0, ids, views, bad, idx)
+    assert not w.is_done(0, 0)
+
+
+def _proc_write(path, epoch, shard, start_evt):
+    w = open_writer(path)
+    start_evt.wait()
+    w.write_item(epoch, shard, *_item(epoch, shard))
+
+
+def open_writer(path):
+    return _create(path)
+
+
+def test_concurrent_items_from_two_processes_equal_sequential(tmp_path):
+    par, seq = tmp_path / "par.zarr", tmp_path / "seq.zarr"
+    _create(par)
+    ctx = mp.get_context("spawn")
+    evt = ctx.Event()
+    items = [(0, 0), (0, 1)]  # adjacent items: neighbouring chunks of the same arrays
+    procs = [ctx.Process(target=_proc_write, args=(str(par), e, s, evt)) for e, s in items]
+    for p in procs:
+        p.start()
+    evt.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    w = _create(seq)
+    for e, s in items:
+        w.write_item(e, s, *_item(e, s))
+    a, b = open_cache(par), open_cache(seq)
+    assert a.done_items() == b.done_items() == set(items)
+    ids = np.repeat(np.arange(16), VIEWS)
+    views = np.tile(np.arange(VIEWS), 16)
+    for x, y in zip(a.lookup(0, ids, views), b.lookup(0, ids, views)):
+        np.testing.assert_array_equal(x, y)
+    for name in ("logp", "index", "valid"):
+        np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
+
+
+def test_fsspec_memory_store():
+    path = f"memory://kdcache-test-{time.monotonic_ns()}/cache"
+    w = _create(path)
+    w.write_item(1, 2, *_item(1, 2))
+    r = open_cache(path, expect={"k": K})
+    ids, views, lp, idx = _item(1, 2)
+    got_lp, got_idx, valid = r.lookup(1, ids, views)
+    np.testing.assert_array_equal(got_idx, idx)
+    assert valid.all() and r.done_items() == {(1, 2)} and r.bytes_on_disk() > 0
+
+
+def test_file_url(tmp_path):
+    _write_all(f"file://{tmp_path}/c.zarr")
+    assert open_cache(tmp_path / "c.zarr").done_items() == {(e, s) for e in range(EPOCHS) for s in range(3)}
+
+
+def test_encoding_is_monotone_and_bounded():
+    lp = -np.sort(np.random.default_rng(0).exponential(3, (100, 10)), axis=1)
+    codes = encoding.decode_codes(encoding.encode_logprobs(lp))
+    back = encoding.codes_to_logprobs(codes)
+    assert (np.diff(codes.astype(int), axis=1) >= 0).all()
+    inside = lp > -255 * encoding.STEP
+    assert np.abs(back - lp)[inside].max() <= encoding.STEP / 2 + 1e-6
+    assert (back[~inside] == np.float32(-255 * encoding.STEP)).all()
