@@ -1,0 +1,166 @@
+"""Caching-job benchmark: caching vs bare teacher forward, reader rows/s, 1 vs 2 Ray workers.
+
+    python bench/cache.py [--samples 512] [--out bench/results/cache.json]   # ~3 min on 2 CPU cores
+
+Teacher: timm ``regnety_002`` (random weights, fixed seed; 1000 classes; 224 px; fp32 on CPU,
+bf16 autocast on CUDA) over Fashion-MNIST images (PNG 28 px, replayed with the full DeiT-B plan
+at 224 px: RRC, flip, RandAugment, erasing, mixup/cutmix), 1 epoch x 1 view, k = 10.
+At 224 px the forward dominates on CPU, as RegNetY-16GF's does on a GPU.
+
+* ``cache_over_forward``: images/s of :func:`pipeline.work.run_item` (read shard, replay in
+  1 decode process, score, write) ÷ images/s of ``Teacher.forward_logits`` alone on the
+  same device and batch size, measured side by side in this run.
+* ``reader_rows_per_s``: ``CacheReader.lookup`` of random batches of 256 rows (one epoch).
+* ``ray_2_over_1``: images/s of the same Ray job with 2 vs 1 CPU actor (fresh caches;
+  includes actor start-up and the teacher build, not Ray start-up).
+* ``bytes_per_sample_epoch_k10``: from bench/storage.py (real EfficientNet-Lite0 top-10 rows,
+  read from bench/results/storage.json; run bench/storage.py first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+TEACHER = dict(name="regnety_002", num_classes=1000, input_size=224, amp="auto", channels_last=True)
+
+
+def make_inputs(work: Path, samples: int, shard_size: int = 64) -> tuple[str, str]:
+    import torch
+
+    from pipeline.make_shards import fmnist_samples, load_fmnist
+    from pipeline.shards import write_shards
+    from teacher.model import TeacherConfig, create_model
+
+    images, labels = load_fmnist("train", limit=samples)
+    classes = [f"class_{i}" for i in range(1000)]  # a 1000-way teacher; labels stay 0..9
+    write_shards(fmnist_samples("train", images, labels), work / "ds", "train", classes, shard_size,
+                 overwrite=True)
+    torch.manual_seed(0)
+    ckpt = work / "teacher.pt"
+    torch.save(create_model(TeacherConfig(**TEACHER)).state_dict(), ckpt)
+    return str(work / "ds" / "train"), str(ckpt)
+
+
+def job_config(shards: str, ckpt: str, out: str, **kw):
+    from pipeline.cache import CacheJobConfig
+
+    d = dict(shards=shards, out=out, epochs=1, views=1, k=10, batch_size=64, num_workers=1, actors=1,
+             teacher={**TEACHER, "checkpoint": ckpt})
+    d.update(kw)
+    return CacheJobConfig.from_dict(d)
+
+
+def bench_item_vs_forward(cfg) -> dict:
+    """run_item images/s and bare-forward images/s, same device/batch, one process."""
+    import torch
+
+    from pipeline.cache import cache_attrs, make_teacher, open_writer
+    from pipeline.shards import load_manifest
+    from pipeline.work import run_item
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = load_manifest(cfg.shards)
+    teacher = make_teacher(cfg, device)
+    writer = open_writer(cfg, m, cache_attrs(cfg, m))
+    x = torch.randn(cfg.batch_size, 3, cfg.teacher.input_size, cfg.teacher.input_size)
+    teacher.forward_logits(x)  # warm-up
+    n_batches = max(1, m.num_samples // cfg.batch_size)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        teacher.forward_logits(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    forward = n_batches * cfg.batch_size / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    images = sum(run_item(cfg, 0, s, teacher=teacher, writer=writer, manifest=m).images
+                 for s in range(len(m.shards)))
+    caching = images / (time.perf_counter() - t0)
+    return {"device": device, "batch_size": cfg.batch_size, "forward_images_per_s": forward,
+            "caching_images_per_s": caching, "cache_over_forward": caching / forward}
+
+
+def bench_reader(cache: str, batch: int = 256, seconds: float = 3.0) -> float:
+    from storage import open_cache
+
+    r = open_cache(cache)
+    n = r.attrs["num_samples"]
+    rng = np.random.default_rng(0)
+    r.lookup(0, np.arange(min(n, batch)), np.zeros(min(n, batch), np.int64))  # warm chunk cache
+    rows, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        ids = rng.integers(0, n, batch)
+        r.lookup(0, ids, rng.integers(0, r.views, batch))
+        rows += batch
+    return rows / (time.perf_counter() - t0)
+
+
+def bench_ray(shards: str, ckpt: str, work: Path) -> dict:
+    import ray
+
+    from pipeline.cache import run_job
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
+    try:
+        rates = {}
+        for actors in (1, 2):
+            cfg = job_config(shards, ckpt, str(work / f"ray{actors}.zarr"), actors=actors, num_workers=0)
+            s = run_job(cfg, progress=False)
+            rates[actors] = s["images_per_s"]
+    finally:
+        ray.shutdown()
+    return {"ray_1_images_per_s": rates[1], "ray_2_images_per_s": rates[2], "ray_2_over_1": rates[2] / rates[1]}
+
+
+def bytes_per_row_k10() -> tuple[float | None, str]:
+    path = ROOT / "bench" / "results" / "storage.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        for key in ("bytes_per_sample_epoch_k10", "bytes_per_row_k10"):
+            if key in data:
+                return float(data[key]), str(path.relative_to(ROOT))
+    return None, "bench/results/storage.json missing: run python bench/storage.py"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cache.json"))
+    args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="kdcache_bench_cache_"))
+    shards, ckpt = make_inputs(work, args.samples)
+    cfg = job_config(shards, ckpt, str(work / "item.zarr"))
+    item = bench_item_vs_forward(cfg)
+    reader = bench_reader(cfg.out)
+    ray_res = bench_ray(shards, ckpt, work)
+    bpr, bpr_src = bytes_per_row_k10()
+    result = {
+        "teacher": "regnety_002 (random weights), 1000 classes, 224 px, fp32 on CPU",
+        "data": f"Fashion-MNIST {args.samples} images, DeiT-B plan replayed at 224 px, k=10",
+        "bytes_per_sample_epoch_k10": bpr, "bytes_per_sample_epoch_k10_source": bpr_src,
+        **item, "reader_rows_per_s": reader, **ray_res,
+        "cpu_count": os.cpu_count(),
+    }
+    print(f"{'metric':<32} value")
+    for k, v in result.items():
+        print(f"{k:<32} {v:.3f}" if isinstance(v, float) else f"{k:<32} {v}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Audit a teacher cache: re-score replayed images and compare with the stored rows.
+
+    python -m pipeline.audit runs/cache/fmnist_tiny.zarr --samples 200 [--checkpoint PATH] [--shards DIR]
+
+The teacher and the plan are rebuilt from the cache attrs (the job config stored there);
+``--checkpoint`` / ``--shards`` point at files that moved. For each epoch, ``--samples`` random
+(sample_id, view) rows are replayed and scored again. Stored values may be quantized, so we
+compare what is comparable: top-1 class agreement, and the max |Δ log-prob| between the
+stored top-k log-probs and the fresh teacher's log-probs of the same classes. In fp32 on CPU
+top-1 agreement should be 100% and the error at the storage quantization level.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def job_config_from_cache(reader, out: str, checkpoint: str | None = None, shards: str | None = None):
+    """The CacheJobConfig that made the cache (paths optionally replaced)."""
+    from pipeline.cache import CacheJobConfig
+
+    job = dict(reader.attrs["job"])
+    job["out"] = out
+    if shards:
+        job["shards"] = shards
+    if checkpoint:
+        job["teacher"] = {**job["teacher"], "checkpoint": checkpoint}
+    return CacheJobConfig.from_dict(job)
+
+
+def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shards: str | None = None,
+          seed: int = 0, device: str = "cpu", batch_size: int = 64) -> dict[int, dict]:
+    """Per epoch: ``{"rows", "top1_agree", "max_abs_dlogprob", "invalid"}``.
+
+    Rows are drawn (seeded by ``seed``) among done items; rows stored as invalid (skipped
+    samples) are counted, not compared.
+    """
+    from pipeline.cache import make_teacher
+    from pipeline.replay import replay_items
+    from pipeline.shards import load_manifest, read_shard
+    from storage import open_cache
+
+    reader = open_cache(cache)
+    cfg = job_config_from_cache(reader, cache, checkpoint, shards)
+    manifest = load_manifest(cfg.shards)
+    if manifest.sha256 != reader.attrs.get("manifest_sha256"):
+        raise ValueError(f"audit {cache}: shards {cfg.shards} have manifest sha256 {manifest.sha256}, "
+                         f"the cache was made from {reader.attrs.get('manifest_sha256')}")
+    teacher = make_teacher(cfg, device)
+    if reader.attrs.get("checkpoint_sha256") not in (None, teacher.checkpoint_sha256):
+        raise ValueError(f"audit {cache}: teacher checkpoint sha256 {teacher.checkpoint_sha256} != "
+                         f"cached {reader.attrs['checkpoint_sha256']}")
+    rng = np.random.default_rng(seed)
+    report: dict[int, dict] = {}
+    for epoch in range(cfg.epochs):
+        done = [s for s in range(len(manifest.shards)) if reader.is_done(epoch, s)]
+        if not done:
+            continue
+        ids_all = np.concatenate([np.arange(manifest.shards[s].first_id,
+                                            manifest.shards[s].first_id + manifest.shards[s].count)
+                                  for s in done])
+        n = min(samples, len(ids_all) * cfg.views)
+        flat = rng.choice(len(ids_all) * cfg.views, size=n, replace=False)
+        rows = sorted(zip(ids_all[flat // cfg.views].tolist(), (flat % cfg.views).tolist()))
+        wanted: dict[tuple[int, int], set[int]] = defaultdict(set)  # (shard, view) -> ids
+        for sid, view in rows:
+            wanted[(manifest.shard_of(sid).index, view)].add(sid)
+        images, ids, views = [], [], []
+        shard_cache: dict[int, list] = {}
+        for (s, view), sids in sorted(wanted.items()):
+            shard = manifest.shards[s]
+            raw = shard_cache.setdefault(s, read_shard(manifest.url(shard), shard))
+            for item in replay_items(raw, shard, cfg.aug, cfg.seed, epoch, view, cfg.teacher.input_size,
+                                     cfg.teacher.num_classes, skipped=[]):
+                if item.sample_id in sids:
+                    images.append(item.image)
+                    ids.append(item.sample_id)
+                    views.append(view)
+        ids_np, views_np = np.array(ids, np.int64), np.array(views, np.int64)
+        lp, idx, valid = reader.lookup(epoch, ids_np, views_np)
+        agree, max_err, compared = 0, 0.0, 0
+        for start in range(0, len(images), batch_size):
+            logits = teacher.forward_logits(torch.stack(images[start:start + batch_size]))
+            fresh = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
+            sl = slice(start, start + len(logits))
+            ok = valid[sl]
+            agree += int((fresh.argmax(-1)[ok] == idx[sl][ok, 0]).sum())
+            if ok.any():
+                picked = np.take_along_axis(fresh[ok], idx[sl][ok], axis=1)
+                max_err = max(max_err, float(np.abs(picked - lp[sl][ok]).max()))
+            compared += int(ok.sum())
+        report[epoch] = {"rows": compared, "top1_agree": agree / compared if compared else float("nan"),
+                         "max_abs_dlogprob": max_err, "invalid": int((~valid).sum())}
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.audit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cache")
+    p.add_argument("--samples", type=int, default=100, help="rows per epoch (default 100)")
+    p.add_argument("--checkpoint", default=None, help="teacher weights, if not at the stored path")
+    p.add_argument("--shards", default=None, help="split dir, if not at the stored path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+    report = audit(args.cache, args.samples, checkpoint=args.checkpoint, shards=args.shards,
+                   seed=args.seed, device=args.device)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'epoch':>5} {'rows':>6} {'top1 agree':>10} {'max |dlogp|':>12} {'invalid':>7}")
+    for epoch, r in report.items():
+        print(f"{epoch:>5} {r['rows']:>6} {100 * r['top1_agree']:>9.2f}% {r['max_abs_dlogprob']:>12.2e} "
+              f"{r['invalid']:>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

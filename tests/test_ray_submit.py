@@ -1,0 +1,31 @@
+"""`ray up` / `ray submit` / `ray down` on this machine through sshd on 127.0.0.1.
+
+Runs scripts/ray_submit_check.sh (~1 min): it sets up sshd with a generated key, starts a
+single-node Ray cluster from configs/teacher_cache.yaml, submits pipeline/cache.py on a tiny
+Fashion-MNIST job, checks every (epoch, shard) item is done, tears the cluster down and checks
+no Ray process of it is left. Skipped only when sshd cannot be installed or started (exit 77).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SKIP = 77
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_ray_submit_end_to_end(tmp_path):
+    if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+        pytest.skip("Fashion-MNIST IDX files not found (Debian package fashion-mnist)")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "KDCACHE_RAY_CHECK_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "ray_submit_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == SKIP:
+        pytest.skip(f"sshd unavailable: {proc.stderr.strip().splitlines()[-1:]}")
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert "PASS" in proc.stderr
