@@ -86,6 +86,7 @@ def replay_items(
     num_classes: int,
     skipped: SkipSink = None,
     decoded: dict | None = None,
+    pairs: Sequence[tuple[int, int]] | None = None,
 ) -> Iterator[ReplayItem]:
     """Augmented, mixed items of one shard for one (epoch, view), in mix-pair order.
 
@@ -99,6 +100,9 @@ def replay_items(
             A corrupt sample's own item, and any item that mixes it in, are skipped.
         decoded: optional dict used as a decode cache (sample_id -> PIL image or SampleError),
             e.g. shared across the views of one shard so each image is decoded once.
+        pairs: a contiguous slice of ``mix_pairs(seed, epoch, view, shard)`` to replay
+            (default: all of them), so one view can be spread over several processes;
+            pixels do not depend on the slicing.
 
     Yields:
         ReplayItem per usable sample; each pre-mix image is augmented exactly once.
@@ -107,7 +111,7 @@ def replay_items(
         raise ShardError(f"shard {shard.name}: {len(samples)} samples given, manifest says {shard.count}")
     by_id = {s.sample_id: s for s in samples}
     decoded = {} if decoded is None else decoded
-    pairs = mix_pairs(seed, epoch, view, shard)
+    pairs = mix_pairs(seed, epoch, view, shard) if pairs is None else pairs
     uses = Counter(i for pair in pairs for i in pair)   # drop tensors once no pair needs them
     augmented: dict[int, torch.Tensor] = {}
     params: dict[int, object] = {}

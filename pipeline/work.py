@@ -5,9 +5,10 @@
 through ``storage`` (data first, the item's done marker last). Tests and benchmarks call it
 directly; the Ray job (``pipeline.cache``) calls it inside its actors.
 
-Decoding + augmentation run in ``cfg.num_workers`` DataLoader processes, one view of the
-shard per task; results come back in view order and teacher batches are fixed slices of
-the item's rows, so the stored values do not depend on the worker count or timing.
+Decoding + augmentation run in ``cfg.num_workers`` DataLoader processes, one part (about a
+teacher batch of mix pairs) of one view per task; results come back in order and teacher
+batches are fixed slices of the item's rows, so the stored values do not depend on the
+worker count or timing.
 """
 from __future__ import annotations
 
@@ -36,22 +37,35 @@ class ItemResult:
     seconds: float = 0.0
 
 
-class _ReplayViews(torch.utils.data.Dataset):
-    """Element v = the replayed items of view v of one shard (pipeline.replay.replay_items)."""
+class _ReplayParts(torch.utils.data.Dataset):
+    """Element i = the replayed items of one part of one view of a shard.
 
-    def __init__(self, samples, shard, cfg, epoch: int, out_size: int, num_classes: int):
+    A part is a contiguous slice of ``part_pairs`` mix pairs, so one view spreads over all
+    decode workers and the teacher starts scoring before a whole view is replayed.
+    Parts are listed view-major in pair order: concatenated, they give the same rows in the
+    same order as replaying each view whole.
+    """
+
+    def __init__(self, samples, shard, cfg, epoch: int, out_size: int, num_classes: int, part_pairs: int):
+        from pipeline.plan import mix_pairs
+
         self.samples, self.shard, self.cfg = samples, shard, cfg
         self.epoch, self.out_size, self.num_classes = epoch, out_size, num_classes
+        self.parts = []
+        for view in range(cfg.views):
+            pairs = mix_pairs(cfg.seed, epoch, view, shard)
+            self.parts += [(view, pairs[i:i + part_pairs]) for i in range(0, len(pairs), part_pairs)]
 
     def __len__(self) -> int:
-        return self.cfg.views
+        return len(self.parts)
 
-    def __getitem__(self, view: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         from pipeline.replay import replay_items
 
+        view, pairs = self.parts[index]
         skipped: list = []
         items = list(replay_items(self.samples, self.shard, self.cfg.aug, self.cfg.seed, self.epoch, view,
-                                  self.out_size, self.num_classes, skipped=skipped))
+                                  self.out_size, self.num_classes, skipped=skipped, pairs=pairs))
         return {
             "image": torch.stack([it.image for it in items]) if items else None,
             "sample_id": np.array([it.sample_id for it in items], dtype=np.int64),
@@ -73,9 +87,10 @@ def _skip_record(s: Any, shard: str, epoch: int, view: int) -> dict:
 
 
 def _slices(samples, shard, cfg, epoch, out_size, num_classes):
-    """Yield the replayed views in order, made in ``cfg.num_workers`` processes (0 = here)."""
+    """Yield the replayed parts in order, made in ``cfg.num_workers`` processes (0 = here)."""
     workers = cfg.num_workers
-    dataset = _ReplayViews(samples, shard, cfg, epoch, out_size, num_classes)
+    # about one teacher batch per part (a pair gives two rows)
+    dataset = _ReplayParts(samples, shard, cfg, epoch, out_size, num_classes, max(1, cfg.batch_size // 2))
     if workers == 0:
         yield from (dataset[i] for i in range(len(dataset)))
         return
