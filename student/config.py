@@ -1,0 +1,181 @@
+"""The student trainer's config: nested dataclasses that round-trip to YAML.
+
+``python -m student.train --config configs/student/x.yaml loss.mode=soft run.epochs=3``
+builds :class:`TrainConfig` with :func:`pipeline.config.load_config`. Values only;
+live objects (model, cache reader, teacher) are built by ``student.train``.
+
+Defaults follow the DeiT recipe: AdamW, lr = 5e-4 * global_batch / 512, weight decay
+0.05, cosine schedule with warmup, label smoothing 0.1, drop path 0.1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import ConfigBase, check
+from pipeline.plan import AugConfig
+from teacher.model import TeacherConfig
+
+
+@dataclass
+class ModelConfig(ConfigBase):
+    """Which student to build (any timm name; ``deit_*_distilled_*`` gets two heads)."""
+
+    name: str = "deit_tiny_distilled_patch16_224"
+    drop_path_rate: float = 0.1
+    model_kwargs: dict = field(default_factory=dict)
+    # Fine-tuning: start from these weights (pos-embed interpolated to data.img_size).
+    checkpoint: str | None = None
+
+    def __post_init__(self):
+        check(bool(self.name), "model.name", "must be a timm model name")
+        check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), found {self.drop_path_rate}")
+
+
+@dataclass
+class DataConfig(ConfigBase):
+    """Where the shards are and how they are replayed.
+
+    ``seed``, ``views`` and ``aug`` default to the cache's own (the student replays what
+    the teacher saw); when given they must match the cache (aug by fingerprint).
+    """
+
+    train: str = ""                    # split dir with manifest.json (train shards)
+    val: str | None = None             # split dir of val shards (None = no eval)
+    img_size: int = 224                # student resolution; the plan's normalized boxes are replayed at it
+    batch_size: int = 128              # GLOBAL batch per optimizer micro-step (divided over DDP ranks)
+    num_workers: int = 2
+    seed: int | None = None            # plan seed; None = cache attrs
+    views: int | None = None           # views per sample per epoch; None = all cached views
+    aug: AugConfig | None = None       # None = cache attrs
+    max_batches: int | None = None     # cap on batches per epoch (smoke runs, benchmarks)
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        check(self.img_size > 0, "data.img_size", f"must be positive, found {self.img_size}")
+        check(self.batch_size > 0, "data.batch_size", f"must be positive, found {self.batch_size}")
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.views is None or self.views > 0, "data.views", "must be positive")
+        check(self.max_batches is None or self.max_batches > 0, "data.max_batches", "must be positive")
+
+
+@dataclass
+class CacheConfig(ConfigBase):
+    """The teacher-target cache written by ``python -m pipeline.cache``."""
+
+    path: str | None = None
+    wait: bool = False                 # wait for (epoch, shard) done markers instead of failing
+    poll_s: float = 5.0
+    timeout_s: float | None = None     # per marker; None = wait forever
+
+
+@dataclass
+class TeacherModeConfig(ConfigBase):
+    """Where teacher targets come from: the cache, or the teacher run in the loop."""
+
+    mode: str = "cached"               # cached | online
+    # online: the teacher to run; None = the teacher of the cache's job config.
+    model: TeacherConfig | None = None
+    # online: top-k kept from the logits; None = the cache's k. k == num_classes keeps full logits.
+    k: int | None = None
+
+    def __post_init__(self):
+        check(self.mode in ("cached", "online"), "teacher.mode", f"must be cached|online, found {self.mode!r}")
+        check(self.k is None or self.k > 0, "teacher.k", "must be positive")
+
+
+@dataclass
+class LossConfig(ConfigBase):
+    """DeiT distillation loss (see student.losses.DistillationLoss)."""
+
+    mode: str = "hard"                 # none | soft | hard
+    alpha: float = 0.5
+    tau: float = 1.0
+    label_smoothing: float = 0.1
+    teacher_label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        check(self.mode in ("none", "soft", "hard"), "loss.mode", f"must be none|soft|hard, found {self.mode!r}")
+        check(0.0 <= self.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], found {self.alpha}")
+        check(self.tau > 0, "loss.tau", f"must be positive, found {self.tau}")
+        check(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig(ConfigBase):
+    """AdamW + cosine with warmup via timm's factories; lr scales with the global batch."""
+
+    opt: str = "adamw"
+    lr: float | None = None            # None = base_lr * global_batch / base_batch
+    base_lr: float = 5e-4
+    base_batch: int = 512
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    opt_eps: float = 1e-8
+    clip_grad: float | None = None
+    sched: str = "cosine"
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    accum_steps: int = 1               # micro-batches per optimizer update
+    ema: bool = False
+    ema_decay: float = 0.99996
+
+    def __post_init__(self):
+        check(self.lr is None or self.lr >= 0, "optim.lr", "must be >= 0")
+        check(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+        check(self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+        check(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+
+
+@dataclass
+class RunConfig(ConfigBase):
+    """Run folder, length, precision, logging and resume."""
+
+    out: str = "runs/student"
+    epochs: int = 300
+    eval_every: int = 1                # epochs; 0 = only at the end
+    save_every: int = 1                # epochs between checkpoints (the last epoch always saves)
+    seed: int = 0                      # model init / drop-path RNG (the plan seed is data.seed)
+    device: str = "auto"               # auto | cpu | cuda
+    threads: int | None = None         # torch CPU threads (None = torch's default); 1 avoids oversubscription
+    amp: str = "auto"                  # auto (bf16 on CUDA) | bf16 | fp16 | none
+    resume: bool = False               # continue from the latest checkpoint in run.out
+    stop_epoch: int | None = None      # exit after this epoch (time-boxed jobs); --resume continues
+    progress: bool = True              # tqdm bar with images/s
+    log_every: int = 50                # steps between per-step metric rows (0 = epoch rows only)
+    plot: bool = True                  # PNG curves at the end
+
+    def __post_init__(self):
+        check(self.epochs > 0, "run.epochs", f"must be positive, found {self.epochs}")
+        check(self.eval_every >= 0, "run.eval_every", "must be >= 0")
+        check(self.threads is None or self.threads >= 1, "run.threads", "must be >= 1")
+        check(self.log_every >= 0, "run.log_every", "must be >= 0")
+        check(self.save_every >= 1, "run.save_every", "must be >= 1")
+        check(self.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, found {self.device!r}")
+        check(self.amp in ("auto", "bf16", "fp16", "none"), "run.amp", f"must be auto|bf16|fp16|none, found {self.amp!r}")
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Everything ``python -m student.train`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    teacher: TeacherModeConfig = field(default_factory=TeacherModeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        check(bool(self.data.train), "data.train", "must name the train split dir (with manifest.json)")
+        needs_teacher = self.loss.mode != "none"
+        if needs_teacher and self.teacher.mode == "cached":
+            check(self.cache.path is not None, "cache.path", f"loss.mode={self.loss.mode} with teacher.mode=cached needs a cache")
+        if self.cache.path is None:
+            # Without a cache the plan must be spelled out.
+            check(self.data.seed is not None, "data.seed", "required when cache.path is not set")
+            check(self.data.aug is not None, "data.aug", "required when cache.path is not set")
+            if needs_teacher:
+                check(self.teacher.model is not None, "teacher.model", "required for online mode without a cache")
+                check(self.teacher.k is not None, "teacher.k", "required for online mode without a cache")

@@ -1,0 +1,205 @@
+"""Student data: the replayed shards joined with cached teacher targets.
+
+The plan (seed, views, augmentation) defaults to the cache's attrs, so the student replays
+exactly what the teacher saw; the cache is opened with ``expect=`` the student's plan
+fingerprint, the shard manifest sha256 and k, and refuses to serve anything else.
+Each batch of :func:`pipeline.replay.make_replay_loader` is joined with the cache rows
+``(epoch, sample_id, view)``; rows the cache marks invalid are dropped (and counted).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.plan import AugConfig, fingerprint
+from pipeline.replay import make_replay_loader, steps_per_epoch
+from pipeline.shards import Manifest, load_manifest
+from storage import CacheMismatchError, CacheNotReady, CacheReader, open_cache
+from student.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What the student replays: the teacher's plan, or an explicit one when there is no cache."""
+
+    seed: int
+    views: int
+    aug: AugConfig
+    fingerprint: str
+    cached_epochs: int | None   # epochs in the cache (training cycles through them)
+    k: int | None               # teacher top-k (cache or teacher.k)
+
+
+def resolve_plan(cfg: TrainConfig, attrs: dict | None) -> ReplayPlan:
+    """Merge the student's data settings with the cache attrs (the cache wins by default).
+
+    Raises:
+        CacheMismatchError: the student's explicit aug/seed/views disagree with the cache.
+    """
+    data = cfg.data
+    if attrs is None:
+        aug = data.aug
+        return ReplayPlan(data.seed, data.views or 1, aug, fingerprint(aug), None, cfg.teacher.k)
+    where = f"cache {cfg.cache.path}"
+    cache_aug = AugConfig.from_dict(attrs["aug"])
+    aug = data.aug if data.aug is not None else cache_aug
+    fp = fingerprint(aug)
+    if data.aug is not None and fp != attrs["fingerprint"]:
+        raise CacheMismatchError(
+            f"{where}: field fingerprint: the student's data.aug fingerprints to {fp[:12]}, "
+            f"the cache was made with {attrs['fingerprint'][:12]} (aug {cache_aug.to_dict()})"
+        )
+    seed = int(attrs["seed"]) if data.seed is None else data.seed
+    if seed != int(attrs["seed"]):
+        raise CacheMismatchError(f"{where}: field seed: expected {seed}, found {attrs['seed']}")
+    views = int(attrs["views"]) if data.views is None else data.views
+    if views > int(attrs["views"]):
+        raise CacheMismatchError(f"{where}: field views: student wants {views}, cache holds {attrs['views']}")
+    return ReplayPlan(seed, views, aug, fp, int(attrs["epochs"]), int(attrs["k"]))
+
+
+def open_checked_cache(cfg: TrainConfig, manifest: Manifest) -> tuple[CacheReader, ReplayPlan]:
+    """Open ``cfg.cache.path``, resolve the plan from its attrs, and re-open it with ``expect=``.
+
+    The guard compares the plan fingerprint, the train manifest sha256, k and num_classes,
+    and raises ``CacheMismatchError`` naming the first field that differs.
+    """
+    attrs = open_cache(cfg.cache.path).attrs
+    plan = resolve_plan(cfg, attrs)
+    expect = {
+        "fingerprint": plan.fingerprint,
+        "manifest_sha256": manifest.sha256,
+        "num_classes": manifest.num_classes,
+    }
+    if cfg.teacher.k is not None:
+        expect["k"] = cfg.teacher.k
+    reader = open_cache(cfg.cache.path, expect=expect)
+    return reader, plan
+
+
+class TrainData:
+    """Per-epoch batches for one rank: replayed images + labels (+ cached teacher rows).
+
+    Args:
+        cfg: the train config (data/cache sections).
+        manifest: the train split manifest.
+        plan: from :func:`resolve_plan`.
+        reader: the cache, or None (online teacher / no distillation).
+        rank, world_size: DDP position; whole shards are split by rank.
+        log: where notices go (rank 0 print).
+    """
+
+    def __init__(self, cfg: TrainConfig, manifest: Manifest, plan: ReplayPlan, reader: CacheReader | None,
+                 rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print):
+        if cfg.data.batch_size % world_size:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {world_size} ranks")
+        self.cfg = cfg
+        self.manifest = manifest
+        self.plan = plan
+        self.reader = reader
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = cfg.data.batch_size // world_size
+        self.log = log
+        self._cycle_logged = False
+
+    def plan_epoch(self, epoch: int) -> int:
+        """The cached epoch replayed at training epoch ``epoch`` (cycles past the cached count)."""
+        cached = self.plan.cached_epochs
+        if cached is None or epoch < cached:
+            return epoch
+        if not self._cycle_logged:
+            self.log(f"training epoch {epoch} >= {cached} cached epochs: cycling through cached epochs (epoch % {cached})")
+            self._cycle_logged = True
+        return epoch % cached
+
+    def num_batches(self) -> int:
+        """Batches per epoch, identical on every rank (the smallest rank's count, capped by data.max_batches)."""
+        n = steps_per_epoch(self.manifest, self.batch_size, self.world_size, self.plan.views)
+        if self.cfg.data.max_batches is not None:
+            n = min(n, self.cfg.data.max_batches)
+        return n
+
+    def batches(self, epoch: int) -> Iterator[dict]:
+        """Batches of training epoch ``epoch`` for this rank (teacher rows joined when cached)."""
+        pe = self.plan_epoch(epoch)
+        if self.reader is not None:
+            self._check_ready(pe)
+        loader = make_replay_loader(
+            self.cfg.data.train, self.plan.aug, seed=self.plan.seed, epoch=pe, views=self.plan.views,
+            out_size=self.cfg.data.img_size, batch_size=self.batch_size, num_workers=self.cfg.data.num_workers,
+            # The training epoch (not the cycled plan epoch) seeds the order: cycled epochs reshuffle.
+            shuffle=True, shuffle_seed=self.plan.seed * 1_000_003 + epoch, rank=self.rank, world_size=self.world_size,
+            max_batches=self.num_batches(), manifest=self.manifest,
+        )
+        seen_skips = 0
+        for batch in loader:
+            batch = self._join(batch, pe) if self.reader is not None else dict(batch, dropped=0)
+            # Corrupt samples the replay could not decode count as dropped rows too.
+            batch["dropped"] += len(loader.skipped) - seen_skips
+            seen_skips = len(loader.skipped)
+            yield batch
+
+    def _check_ready(self, plan_epoch: int) -> None:
+        """Without ``cache.wait`` fail fast, naming the first (epoch, shard) that is not done."""
+        if self.cfg.cache.wait:
+            return
+        for shard in self.manifest.shards:
+            if not self.reader.is_done(plan_epoch, shard.index):
+                raise CacheNotReady(plan_epoch, shard.index)
+
+    def _lookup(self, plan_epoch: int, sample_ids: np.ndarray, views: np.ndarray):
+        while True:
+            try:
+                return self.reader.lookup(plan_epoch, sample_ids, views)
+            except CacheNotReady as e:
+                if not self.cfg.cache.wait:
+                    raise
+                epoch, shard = _not_ready_item(e, plan_epoch, self.manifest, sample_ids, self.reader)
+                self.reader.wait_done(epoch, shard, timeout=self.cfg.cache.timeout_s,
+                                      poll=self.cfg.cache.poll_s, log=self.log)
+
+    def _join(self, batch: dict, plan_epoch: int) -> dict:
+        sids = batch["sample_id"].numpy()
+        views = batch["view"].numpy()
+        logprobs, indices, valid = self._lookup(plan_epoch, sids, views)
+        batch = dict(batch)
+        batch["teacher_logprobs"] = torch.from_numpy(np.asarray(logprobs, dtype=np.float32))
+        batch["teacher_indices"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        valid = np.asarray(valid, dtype=bool)
+        dropped = int((~valid).sum())
+        if dropped:
+            keep = torch.from_numpy(valid)
+            batch = {k: (v[keep] if torch.is_tensor(v) and v.shape[:1] == keep.shape else v) for k, v in batch.items()}
+        batch["dropped"] = dropped
+        return batch
+
+
+def _not_ready_item(err: CacheNotReady, plan_epoch: int, manifest: Manifest, sample_ids, reader) -> tuple[int, int]:
+    """(epoch, shard) of a CacheNotReady error (from its attributes, else the first undone shard of the batch)."""
+    epoch = getattr(err, "epoch", None)
+    shard = getattr(err, "shard", getattr(err, "shard_index", None))
+    if epoch is not None and shard is not None:
+        return int(epoch), int(shard)
+    for sid in np.unique(sample_ids):
+        index = manifest.shard_of(int(sid)).index
+        if not reader.is_done(plan_epoch, index):
+            return plan_epoch, index
+    return plan_epoch, manifest.shard_of(int(sample_ids[0])).index
+
+
+def make_val_loader(cfg: TrainConfig, aug: AugConfig, rank: int = 0, world_size: int = 1):
+    """Eval-style batches of the val shards (resize + center crop, the plan's normalization)."""
+    val_aug = dataclasses.replace(aug, enabled=False)
+    return make_replay_loader(
+        cfg.data.val, val_aug, seed=0, epoch=0, views=1, out_size=cfg.data.img_size,
+        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, shuffle=False,
+        rank=rank, world_size=world_size,
+    )
+
+
+__all__ = ["ReplayPlan", "resolve_plan", "open_checked_cache", "TrainData", "make_val_loader", "load_manifest"]

@@ -1,0 +1,186 @@
+"""One training epoch: forward, loss, backward with accumulation, update, EMA, schedule.
+
+The step is generic: where the teacher targets come from (cache, online teacher, none)
+is hidden behind ``targets_fn(batch) -> TeacherTargets | None`` built in
+:mod:`student.targets`, so there is no feature branch inside the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from student import distributed as dist
+
+
+@dataclass
+class LoopState:
+    """Position of the run, saved in checkpoints (epoch boundaries)."""
+
+    epoch: int = 0         # next epoch to train
+    step: int = 0          # micro-batches seen over the whole run
+    update: int = 0        # optimizer updates over the whole run
+
+
+@dataclass
+class Precision:
+    """Autocast settings: ``dtype=None`` means plain fp32."""
+
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """'auto' = bf16 on CUDA, fp32 on CPU; 'fp16' also gets a GradScaler."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return Precision(device.type, None, None)
+    if amp == "bf16":
+        return Precision(device.type, torch.bfloat16, None)
+    return Precision(device.type, torch.float16, torch.amp.GradScaler(device.type))
+
+
+@dataclass
+class EpochStats:
+    """Running sums for one epoch (reduced over ranks at the end)."""
+
+    sums: dict = field(default_factory=lambda: {"loss": 0.0, "base": 0.0, "distill": 0.0})
+    images: float = 0.0
+    dropped: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, parts: dict, n: int) -> None:
+        for key in self.sums:
+            self.sums[key] += float(parts[key]) * n
+        self.images += n
+
+    def reduced(self) -> dict:
+        names = list(self.sums)
+        totals = dist.all_reduce_sum([self.sums[k] for k in names] + [self.images, self.dropped])
+        images, dropped = totals[-2], totals[-1]
+        out = {k: v / max(images, 1.0) for k, v in zip(names, totals)}
+        # Throughput of the slowest rank decides the global rate.
+        seconds = dist.all_reduce_max([self.seconds])[0]
+        out.update(images=images, dropped=dropped, images_per_s=images / max(seconds, 1e-9))
+        return out
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    loss_fn: torch.nn.Module,
+    targets_fn: Callable[[dict], object],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    ema,
+    state: LoopState,
+    *,
+    device: torch.device,
+    precision: Precision,
+    accum_steps: int = 1,
+    clip_grad: float | None = None,
+    num_batches: int | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    progress=None,
+) -> dict:
+    """Train over ``batches`` (dicts from :class:`student.data.TrainData`), updating ``state``.
+
+    Every ``accum_steps`` micro-batches (and at the end of the epoch) the optimizer steps,
+    the scheduler gets ``step_update(update)`` and the EMA follows the model.
+
+    Returns:
+        Epoch metrics reduced over ranks: loss, base, distill, images, dropped, images_per_s.
+
+    Raises:
+        FloatingPointError: a non-finite loss, naming the epoch and step.
+    """
+    model.train()
+    stats = EpochStats()
+    optimizer.zero_grad(set_to_none=True)
+    pending = 0
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if num_batches is not None and i >= num_batches:
+            break
+        stats.dropped += float(batch.pop("dropped", 0))
+        batch = _to_device(batch, device)
+        n = int(batch["image"].shape[0])
+        last = num_batches is not None and i == num_batches - 1
+        sync = (pending + 1 == accum_steps) or last
+        # DDP: skip the gradient all-reduce on micro-batches that do not update.
+        no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with no_sync:
+            teacher = targets_fn(batch)
+            with precision.autocast():
+                outputs = model(batch["image"])
+                parts = loss_fn(outputs, batch["target"], teacher)
+            loss = parts["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} at epoch {state.epoch} step {state.step} (update {state.update})"
+                )
+            scaled = loss / accum_steps
+            if precision.scaler is not None:
+                precision.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        pending += 1
+        state.step += 1
+        parts = {k: v.detach().float().item() for k, v in parts.items()}
+        stats.add(parts, n)
+        if pending == accum_steps or last:
+            _update(model, optimizer, precision, clip_grad)
+            pending = 0
+            state.update += 1
+            if scheduler is not None:
+                scheduler.step_update(num_updates=state.update)
+            if ema is not None:
+                ema.update(model, step=state.update)
+        if on_step is not None:
+            on_step({"epoch": state.epoch, "step": state.step, "update": state.update, "lr": optimizer.param_groups[0]["lr"], **parts})
+        if progress is not None:
+            elapsed = time.perf_counter() - start
+            progress.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{stats.images / max(elapsed, 1e-9):.0f}", refresh=False)
+            progress.update(1)
+    if pending:
+        # Epoch ended mid-accumulation (unknown length): flush so epochs are self-contained.
+        _update(model, optimizer, precision, clip_grad)
+        state.update += 1
+        if scheduler is not None:
+            scheduler.step_update(num_updates=state.update)
+        if ema is not None:
+            ema.update(model, step=state.update)
+    stats.seconds = time.perf_counter() - start
+    metrics = stats.reduced()
+    if not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"non-finite mean loss at epoch {state.epoch}")
+    return metrics
+
+
+def _update(model, optimizer, precision: Precision, clip_grad: float | None) -> None:
+    scaler = precision.scaler
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

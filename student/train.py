@@ -1,0 +1,168 @@
+"""Train a student on cached (or online) teacher targets — DeiT recipe.
+
+    python -m student.train --config configs/student/fmnist_hard.yaml [run.epochs=3 loss.mode=soft ...]
+    python -m student.train --config ... --resume          # continue from the latest checkpoint in run.out
+    torchrun --nproc_per_node 2 -m student.train --config ...   # DDP (gloo on CPU, nccl on CUDA)
+
+Reads top to bottom: config -> data (+ cache guard) -> teacher targets -> model/loss/optim ->
+resume -> epochs (train, eval, log, checkpoint) -> curves. The pieces live in importable modules.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.config import load_config
+from student import distributed
+from student.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from student.config import TrainConfig
+from student.data import TrainData, load_manifest, make_val_loader, open_checked_cache, resolve_plan
+from student.evaluate import evaluate
+from student.losses import DistillationLoss
+from student.loop import LoopState, resolve_precision, train_one_epoch
+from student.metrics import MetricsLogger, plot_curves
+from student.models import build_student
+from student.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
+from student.targets import build_targets_fn
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) the training described by ``cfg``; returns the last epoch's metrics."""
+    device = _device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    dist = distributed.init(device.type)
+    log = print if dist.is_main else (lambda *a, **k: None)
+
+    # Data: the cache guard runs before anything is built, naming the mismatching field.
+    manifest = load_manifest(cfg.data.train)
+    reader, plan = open_checked_cache(cfg, manifest) if cfg.cache.path else (None, resolve_plan(cfg, None))
+    targets_fn, joins_cache = build_targets_fn(cfg, plan, reader, manifest.num_classes, device)
+    data = TrainData(cfg, manifest, plan, reader if joins_cache else None, dist.rank, dist.world_size, log)
+    num_batches = data.num_batches()
+    updates_per_epoch = math.ceil(num_batches / cfg.optim.accum_steps)
+
+    # Model, loss, optimisation (DeiT recipe). Re-seeded: an online teacher's init must not shift it.
+    torch.manual_seed(cfg.run.seed)
+    model = build_student(cfg.model.name, manifest.num_classes, cfg.data.img_size, cfg.model.drop_path_rate,
+                          cfg.model.model_kwargs, cfg.model.checkpoint).to(device)
+    loss_fn = DistillationLoss(cfg.loss.mode, manifest.num_classes, cfg.loss.alpha, cfg.loss.tau,
+                               cfg.loss.label_smoothing, cfg.loss.teacher_label_smoothing)
+    o = cfg.optim
+    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.data.batch_size, o.accum_steps)
+    optimizer = build_optimizer(model, o.opt, lr, o.weight_decay, eps=o.opt_eps,
+                                **({"momentum": o.momentum} if o.opt in ("sgd", "momentum") else {}))
+    scheduler = build_scheduler(optimizer, cfg.run.epochs, updates_per_epoch, o.warmup_epochs, o.min_lr, o.warmup_lr, o.sched)
+    ema = build_ema(model, o.ema_decay) if o.ema else None
+    precision = resolve_precision(cfg.run.amp, device)
+
+    # Resume from the latest checkpoint at an epoch boundary.
+    run_dir = Path(cfg.run.out)
+    state = LoopState()
+    if cfg.run.resume:
+        state = _resume(run_dir, model, optimizer, scheduler, ema, precision.scaler, log)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=state.step if cfg.run.resume else None)
+    log(f"student {cfg.model.name}: loss={cfg.loss.mode} teacher={cfg.teacher.mode} lr={lr:.3g} "
+        f"{num_batches} batches x {data.batch_size} x {dist.world_size} rank(s) per epoch, epochs {state.epoch}..{cfg.run.epochs - 1}")
+
+    net = DistributedDataParallel(model) if dist.world_size > 1 else model
+    on_step = None
+    if cfg.run.log_every:
+        def on_step(m: dict) -> None:
+            if m["step"] % cfg.run.log_every == 0:
+                logger.log(m.pop("step"), m.pop("epoch"), **{f"train_{k}" if k != "lr" else k: v for k, v in m.items()})
+
+    metrics: dict = {}
+    try:
+        for epoch in range(state.epoch, min(cfg.run.epochs, cfg.run.stop_epoch or cfg.run.epochs)):
+            state.epoch = epoch
+            bar = _progress(cfg, dist.is_main, num_batches, epoch)
+            metrics = train_one_epoch(
+                net, data.batches(epoch), loss_fn, targets_fn, optimizer, scheduler, ema, state,
+                device=device, precision=precision, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
+                num_batches=num_batches, on_step=on_step, progress=bar)
+            if bar is not None:
+                bar.close()
+            scheduler.step(epoch + 1)
+            state.epoch = epoch + 1
+            metrics = {f"train_{k}": v for k, v in metrics.items()}
+            if metrics["train_dropped"]:
+                log(f"epoch {epoch}: dropped {int(metrics['train_dropped'])} rows marked invalid in the cache")
+            last = state.epoch == cfg.run.epochs
+            if cfg.data.val and ((cfg.run.eval_every and state.epoch % cfg.run.eval_every == 0) or last):
+                metrics.update(_evaluate(cfg, model, ema, plan.aug, device, precision, dist))
+            logger.log(state.step, state.epoch, **metrics)
+            log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if dist.is_main and (state.epoch % cfg.run.save_every == 0 or last):
+                save_checkpoint(checkpoint_path(run_dir, state.epoch), model=model, optimizer=optimizer,
+                                scheduler=scheduler, scaler=precision.scaler, ema=ema, epoch=state.epoch,
+                                step=state.step, update=state.update, data={"plan_epoch_next": data.plan_epoch(state.epoch)},
+                                rng=torch.get_rng_state(), config=cfg.to_dict())
+            distributed.barrier()
+    finally:
+        logger.close()
+    if dist.is_main and cfg.run.plot and (run_dir / "metrics.csv").exists():
+        plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+    distributed.shutdown()
+    return metrics
+
+
+def _resume(run_dir: Path, model, optimizer, scheduler, ema, scaler, log) -> LoopState:
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        log(f"resume: no checkpoint in {run_dir}, starting from scratch")
+        return LoopState()
+    ckpt = load_checkpoint(path)
+    restore(ckpt, path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler)
+    if "rng" in ckpt:
+        torch.set_rng_state(ckpt["rng"])  # drop path draws from the global RNG
+    log(f"resume: {path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
+    return LoopState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), update=int(ckpt["update"]))
+
+
+def _evaluate(cfg, model, ema, aug, device, precision, dist) -> dict:
+    """Top-1/top-5 of every head (cls, dist, fused) on the val shards, split over ranks."""
+    out = {}
+    for prefix, net in (("val", model), ("val_ema", ema.module if ema is not None else None)):
+        if net is None:
+            continue
+        loader = make_val_loader(cfg, aug, dist.rank, dist.world_size)
+        res = evaluate(net, loader, device, amp_dtype=precision.dtype)
+        out.update({f"{prefix}_{k}": v for k, v in res.items() if k != "num_samples"})
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _progress(cfg, is_main: bool, total: int, epoch: int):
+    if not (cfg.run.progress and is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, leave=False)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m student.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML config (configs/student/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.mode=soft run.epochs=3")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    return train(load_config(TrainConfig, args.config, overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)

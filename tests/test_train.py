@@ -1,0 +1,211 @@
+"""End-to-end student training on CPU (fp32, tiny teacher/student, Fashion-MNIST shards).
+
+* cached hard == online hard, step by step (Mixup/CutMix on), and cached soft ~ online soft;
+* resume: 2 epochs == 1 epoch + resume 1 (weights, EMA, optimizer, scheduler);
+* DDP under torchrun with 2 gloo processes matches one process;
+* one cache serves other architectures, another tau and another resolution;
+* a student waits for epochs the caching job has not finished yet;
+* a short real run learns.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cache import cache_attrs, make_teacher, open_writer
+from pipeline.shards import load_manifest
+from pipeline.work import run_item
+from student.checkpoint import load_checkpoint
+from student.train import main, train
+from test_student_data import TINY_TEACHER, build_cache, student_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def step_losses(run_dir: Path, column: str = "train_loss") -> list[float]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("lr")]   # per-step rows carry the lr
+    return [float(r[column]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def cache(fmnist_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train_cache") / "tiny.zarr"
+    build_cache(fmnist_shards, out, epochs=2, k=3)
+    return out
+
+
+def test_cached_hard_equals_online_hard(fmnist_shards, cache, tmp_path):
+    """Same seed, fp32: the per-step losses of the cached and the online teacher agree."""
+    common = ("data.batch_size=8", "loss.mode=hard")      # 32 steps, Mixup/CutMix + RandAugment on
+    train(student_config(fmnist_shards, cache, tmp_path / "cached", *common))
+    train(student_config(fmnist_shards, cache, tmp_path / "online", *common, "teacher.mode=online"))
+    cached, live = step_losses(tmp_path / "cached"), step_losses(tmp_path / "online")
+    assert len(cached) == len(live) == 32
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(live), rtol=1e-5, atol=1e-5)
+    d1, d2 = step_losses(tmp_path / "cached", "train_distill"), step_losses(tmp_path / "online", "train_distill")
+    torch.testing.assert_close(torch.tensor(d1), torch.tensor(d2), rtol=1e-5, atol=1e-5)
+
+
+# The cache stores log-probs in steps of 1/16 nat (error <= 1/32 nat), so each rebuilt soft target
+# moves by <= ~1/(16 tau) relative; the KL term (alpha=0.5, DeiT's /(B*C) normalisation) is ~2e-4 here,
+# so a step moves by ~1e-5 and 32 steps of drift stay far below 5e-4 (measured: 6e-5).
+SOFT_BOUND = 5e-4
+
+
+def test_cached_soft_close_to_online_soft(fmnist_shards, cache, tmp_path):
+    common = ("data.batch_size=8", "loss.mode=soft", "loss.tau=2.0")
+    train(student_config(fmnist_shards, cache, tmp_path / "cached", *common))
+    train(student_config(fmnist_shards, cache, tmp_path / "online", *common, "teacher.mode=online"))
+    cached, live = torch.tensor(step_losses(tmp_path / "cached")), torch.tensor(step_losses(tmp_path / "online"))
+    assert len(cached) == 32
+    assert (cached - live).abs().max() <= SOFT_BOUND
+
+
+def test_resume_is_exact(fmnist_shards, cache, tmp_path):
+    """2 epochs in one go == 1 epoch + --resume for the 2nd (drop path + EMA on)."""
+    opts = ("run.epochs=2", "optim.ema=true", "optim.ema_decay=0.9", "model.drop_path_rate=0.1",
+            "optim.warmup_epochs=1", "data.max_batches=6", "run.eval_every=0", "data.val=null")
+    train(student_config(fmnist_shards, cache, tmp_path / "full", *opts))
+    half = student_config(fmnist_shards, cache, tmp_path / "split", *opts)
+    half.save(tmp_path / "split.yaml")
+    main(["--config", str(tmp_path / "split.yaml"), "run.stop_epoch=1"])    # as if preempted after epoch 1
+    main(["--config", str(tmp_path / "split.yaml"), "--resume"])
+    a = load_checkpoint(tmp_path / "full" / "checkpoint-000002.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint-000002.pt")
+    assert (a["epoch"], a["step"], a["update"]) == (b["epoch"], b["step"], b["update"]) == (2, 12, 12)
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert a["scheduler"] == b["scheduler"]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert step_losses(tmp_path / "full") == step_losses(tmp_path / "split")
+
+
+def test_ddp_two_processes_match_single(fmnist_shards, cache, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): same steps on both ranks, reduced metrics == 1 process."""
+    opts = ["data.batch_size=32", "optim.lr=1.0e-6", "optim.min_lr=1.0e-6", "run.eval_every=1"]
+    single = student_config(fmnist_shards, cache, tmp_path / "single", *opts)
+    train(single)
+    cfg_path = tmp_path / "ddp.yaml"
+    single.replace(run=single.run.replace(out=str(tmp_path / "ddp"))).save(cfg_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "student.train", "--config", str(cfg_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = _epoch_row(tmp_path / "single")
+    b = _epoch_row(tmp_path / "ddp")
+    assert float(a["train_images"]) == float(b["train_images"]) == 256
+    # lr ~ 0: every sample sees the same weights, so the reduced mean loss matches closely.
+    assert abs(float(a["train_loss"]) - float(b["train_loss"])) < 1e-3
+    assert abs(float(a["val_top1_fused"]) - float(b["val_top1_fused"])) < 1e-6
+    # Only rank 0 writes: one row per step, as in the single-process run.
+    assert len(step_losses(tmp_path / "ddp")) == 256 // 32
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _epoch_row(run_dir: Path) -> dict:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("train_images")][-1]
+
+
+@pytest.mark.parametrize("overrides", [
+    ("loss.mode=hard",),                                                           # DeiT, dist token
+    ("model.name=vit_tiny_patch16_224", "loss.mode=soft", "loss.tau=3.0", "loss.alpha=0.1"),  # no dist token
+    ("data.img_size=35", "loss.mode=soft"),                                        # other resolution
+    ("model.name=resnet10t", "model.model_kwargs={}", "loss.mode=hard"),          # a convnet
+])
+def test_one_cache_serves_many_students(fmnist_shards, cache, tmp_path, overrides):
+    metrics = train(student_config(fmnist_shards, cache, tmp_path, "data.max_batches=4", *overrides))
+    assert metrics["train_images"] == 64 and torch.isfinite(torch.tensor(metrics["train_loss"]))
+    assert 0.0 <= metrics["val_top1_fused"] <= 100.0
+
+
+def test_waits_for_epochs_still_being_cached(fmnist_shards, tmp_path, capsys):
+    """Epoch 1 is not cached when training starts; a thread caches it 1 s later."""
+    out = tmp_path / "partial.zarr"
+    job = build_cache(fmnist_shards, out, items=[(0, s) for s in range(4)])
+
+    def finish_epoch_1():
+        time.sleep(1.0)
+        manifest = load_manifest(job.shards)
+        writer = open_writer(job, manifest, cache_attrs(job, manifest))
+        teacher = make_teacher(job)
+        for s in range(len(manifest.shards)):
+            run_item(job, 1, s, teacher=teacher, writer=writer, manifest=manifest)
+
+    marker = threading.Thread(target=finish_epoch_1)
+    marker.start()
+    try:
+        metrics = train(student_config(fmnist_shards, out, tmp_path / "run", "run.epochs=2", "cache.wait=true",
+                                       "cache.poll_s=0.1", "cache.timeout_s=60", "data.max_batches=4"))
+    finally:
+        marker.join()
+    assert metrics["train_images"] == 64
+    out = capsys.readouterr().out
+    assert "waiting for teacher cache" in out and "epoch 1 shard" in out, out[-2000:]
+
+
+def test_short_fmnist_run_learns(tmp_path):
+    """1 536 Fashion-MNIST images, 6 epochs (~15 s), tiny DeiT: val top-1 far above the 10% of chance."""
+    from pipeline.make_shards import main as make_shards
+
+    fm = "/usr/share/datasets/fashion-mnist"
+    if not os.path.exists(os.path.join(fm, "train-images-idx3-ubyte.gz")):
+        pytest.skip("Fashion-MNIST IDX files not found")
+    root = tmp_path / "fm"
+    make_shards(["fmnist", "--out", str(root), "--dir", fm, "--limit-train", "1536", "--limit-val", "500",
+                 "--shard-size", "256"])
+    light = {"scale": [0.6, 1.0], "auto_augment": None, "re_prob": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+             "hflip": 0.5}
+    cache_path = tmp_path / "fm.zarr"
+    build_cache(root, cache_path, epochs=1, k=1, aug=light)
+    cfg = student_config(root, cache_path, tmp_path / "run", "loss.mode=none", "run.epochs=6", "run.eval_every=0",
+                         "data.batch_size=32", "optim.lr=2.0e-3", "optim.warmup_epochs=1", "loss.label_smoothing=0.0",
+                         "run.log_every=10", "run.plot=true",
+                         "model.model_kwargs={patch_size: 7, embed_dim: 64, depth: 2, num_heads: 4}")
+    metrics = train(cfg)
+    assert metrics["val_top1_fused"] > 45.0, metrics    # measured ~58 %; chance is 10 %
+    assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_finetune_at_higher_resolution(fmnist_shards, cache, tmp_path):
+    """A 28 px checkpoint fine-tunes at 42 px (4x4 -> 6x6 patch grid, pos-embed interpolated)."""
+    train(student_config(fmnist_shards, cache, tmp_path / "base", "data.max_batches=2", "data.val=null"))
+    ckpt = tmp_path / "base" / "checkpoint-000001.pt"
+    metrics = train(student_config(fmnist_shards, cache, tmp_path / "ft", "data.max_batches=2", "data.img_size=42",
+                                   f"model.checkpoint={ckpt}"))
+    weights = load_checkpoint(tmp_path / "ft" / "checkpoint-000001.pt")["model"]
+    assert weights["pos_embed"].shape[1] == 2 + 36 and metrics["train_images"] == 32
+
+
+def test_non_finite_loss_names_the_step():
+    from student.loop import LoopState, Precision, train_one_epoch
+
+    model = torch.nn.Linear(4, 3)
+    batch = {"image": torch.randn(2, 4), "target": torch.full((2, 3), 1 / 3)}
+
+    def nan_loss(outputs, target, teacher):
+        return {"loss": outputs.sum() * float("nan"), "base": outputs.sum(), "distill": outputs.sum()}
+
+    state = LoopState(epoch=3, step=41)
+    with pytest.raises(FloatingPointError, match="epoch 3 step 41"):
+        train_one_epoch(model, [dict(batch)], nan_loss, lambda b: None, torch.optim.SGD(model.parameters(), 0.1),
+                        None, None, state, device=torch.device("cpu"), precision=Precision(), num_batches=1)
