@@ -3,8 +3,9 @@
 ``save_checkpoint(path, model=m, optimizer=o, scheduler=s, scaler=sc, ema=e, epoch=3, step=120,
 data={...})`` stores ``obj.state_dict()`` for every value that has one and the value itself
 otherwise. Written to a temporary file then ``os.replace``-d, so a crash never leaves a
-half-written checkpoint under the final name. No RNG state is stored: augmentation and data
-order are counter-based (seed, epoch, sample_id, view).
+half-written checkpoint under the final name. Augmentation and data order need no RNG state
+(they are counter-based: seed, epoch, sample_id, view); the trainer adds the torch RNG state
+under ``rng`` itself, because stochastic depth draws from it.
 
 Files in a run folder are named ``checkpoint-<N>.pt`` (N = epoch or step, the caller's choice;
 ``latest_checkpoint`` picks the largest N) and optionally ``last.pt``.

@@ -81,3 +81,21 @@ def broadcast_object(obj, src: int = 0):
 def shutdown() -> None:
     if is_active():
         td.destroy_process_group()
+
+
+def lockstep(batches):
+    """Yield batches while every rank still has one; under DDP all ranks stop together.
+
+    A rank whose replay skipped corrupt samples may have fewer batches than the precomputed
+    step count; without this the other ranks would wait forever in the gradient all-reduce.
+    Costs one scalar all-reduce per step, and nothing without DDP.
+    """
+    if not is_active():
+        yield from batches
+        return
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if all_reduce_min([0.0 if batch is None else 1.0])[0] == 0.0:
+            return
+        yield batch

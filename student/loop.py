@@ -114,7 +114,7 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     pending = 0
     start = time.perf_counter()
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(dist.lockstep(batches)):
         if num_batches is not None and i >= num_batches:
             break
         stats.dropped += float(batch.pop("dropped", 0))
