@@ -102,11 +102,16 @@ def unwrap_state_dict(obj: Any, path: str = "<checkpoint>") -> dict[str, torch.T
 
     A ``module.`` prefix (DDP) is stripped; lukemelas EfficientNet names are converted to timm's.
     """
-    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    # Wrapper keys first: a training checkpoint (e.g. student.train's) holds the weights under
+    # "model" next to other tensors (RNG state), so "has a tensor" alone does not mean "is a state dict".
+    while isinstance(obj, dict):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
+        if inner is not None:
+            obj = inner
+        elif any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        else:
             raise TeacherLoadError(f"{path}: no state dict found; top-level keys: {sorted(obj)[:10]}")
-        obj = inner
     if not isinstance(obj, dict):
         raise TeacherLoadError(f"{path}: expected a state dict, found {type(obj).__name__}")
     if obj and all(k.startswith("module.") for k in obj):

@@ -35,10 +35,15 @@ def test_loads_weights_and_hash(tiny_ckpt):
     assert build_teacher(TeacherConfig(name=TINY, num_classes=10)).checkpoint_sha256 == "random"
 
 
-@pytest.mark.parametrize("wrap", ["model", "state_dict", "ddp"])
+@pytest.mark.parametrize("wrap", ["model", "state_dict", "ddp", "training_checkpoint"])
 def test_accepts_common_wrappers(tiny_ckpt, tmp_path, wrap):
     _, sd = tiny_ckpt
-    obj = {f"module.{k}": v for k, v in sd.items()} if wrap == "ddp" else {wrap: sd, "epoch": 3}
+    if wrap == "ddp":
+        obj = {f"module.{k}": v for k, v in sd.items()}
+    elif wrap == "training_checkpoint":  # student.train's layout: weights under "model" beside an RNG tensor
+        obj = {"model": sd, "rng": torch.get_rng_state(), "epoch": 3}
+    else:
+        obj = {wrap: sd, "epoch": 3}
     path = tmp_path / "wrapped.pth"
     torch.save(obj, path)
     t = build_teacher(_cfg(path))
