@@ -128,7 +128,7 @@ def read_cache_summary(cache: Path) -> dict:
 
 
 def audit(cache: Path, cfg: DemoConfig) -> dict:
-    """``pipeline.audit --json``: per epoch, top-1 agreement and max |Δ log-prob| of re-scored rows."""
+    """``pipeline.audit --json``: per epoch, top-1 agreement, max |Δp| and |Δ log-prob| of re-scored rows."""
     report = Path(cfg.out) / "audit.json"
     run_step("audit", [sys.executable, "-m", "pipeline.audit", str(cache), "--samples", str(cfg.audit_samples),
                        "--device", "cpu", "--json"], cfg, stdout=report)
@@ -330,8 +330,9 @@ def render_markdown(results: dict) -> str:
     parts += ["", "## Cache", "",
               f"- rows {c.get('rows', '?')}, {c.get('bytes_per_row', '?')} bytes/row, "
               f"{c.get('images_per_s', '?')} img/s scored, job wall {results['timings']['cache']:.0f} s",
-              f"- audit: top-1 agreement {min(agree):.2f}% (min over epochs), max |Δ log-prob| "
-              f"{max(r['max_abs_dlogprob'] for r in a.values()):.2e}",
+              f"- audit: top-1 agreement {min(agree):.2f}% (min over epochs), max |Δp| "
+              f"{max(r['max_abs_dp'] for r in a.values()):.2e} (encoding bound 1.5/255 = 5.9e-3), "
+              f"max |Δ log-prob| {max(r['max_abs_dlogprob'] for r in a.values()):.2e} (large only where p is tiny)",
               f"- teacher re-evaluated through teacher/model.py: {results['teacher_eval_top1']:.2f}%"]
     k = results["cost"]
     be = k["break_even_students"]
