@@ -261,6 +261,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     started_ray = connect_ray(address) if todo else False
     t0 = time.perf_counter()
     images, retries, skipped, failed, results = 0, 0, [], [], []
+    startup = 0.0
     try:
         if todo:
             n_actors, options = _auto_actors(cfg)
@@ -276,6 +277,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
                 ray.get([a.pid.remote() for a in actors])
             except ray.exceptions.RayActorError as err:
                 raise CacheJobError(f"{cfg.out}: could not start a teacher actor: {err}") from None
+            startup = time.perf_counter() - t0
             queue = list(todo)
             attempts: dict[tuple[int, int], int] = {}
             running: dict[Any, tuple[int, tuple[int, int]]] = {}  # ref -> (actor slot, item)
@@ -329,7 +331,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
 
     seconds = time.perf_counter() - t0
     summary = _summarize(cfg, manifest, done_before, todo, results, images, seconds,
-                         retries, skipped, failed)
+                         retries, skipped, failed, startup)
     where = write_summary(cfg, summary)
     if progress:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("skipped", "items")},
@@ -343,7 +345,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
 
 
 def _summarize(cfg, manifest, done_before, todo, results, images, seconds, retries,
-               skipped, failed) -> dict:
+               skipped, failed, startup: float = 0.0) -> dict:
     from storage import open_cache
 
     reader = open_cache(cfg.out)
@@ -361,6 +363,9 @@ def _summarize(cfg, manifest, done_before, todo, results, images, seconds, retri
         "images": images,
         "seconds": round(seconds, 3),
         "images_per_s": round(images / seconds, 2) if seconds > 0 else 0.0,
+        # actor start-up (process spawn, imports, teacher build) vs the steady rate after it
+        "startup_seconds": round(startup, 3),
+        "steady_images_per_s": round(images / (seconds - startup), 2) if seconds > startup else 0.0,
         "rows": rows,
         "bytes_on_disk": total_bytes,
         "bytes_per_row": round(total_bytes / rows, 3) if rows else 0.0,
