@@ -110,12 +110,7 @@ class TrainData:
     def plan_epoch(self, epoch: int) -> int:
         """The cached epoch replayed at training epoch ``epoch`` (cycles past the cached count)."""
         cached = self.plan.cached_epochs
-        if cached is None or epoch < cached:
-            return epoch
-        if not self._cycle_logged:
-            self.log(f"training epoch {epoch} >= {cached} cached epochs: cycling through cached epochs (epoch % {cached})")
-            self._cycle_logged = True
-        return epoch % cached
+        return epoch if cached is None or epoch < cached else epoch % cached
 
     def num_batches(self) -> int:
         """Batches per epoch, identical on every rank (the smallest rank's count, capped by data.max_batches)."""
@@ -127,6 +122,10 @@ class TrainData:
     def batches(self, epoch: int) -> Iterator[dict]:
         """Batches of training epoch ``epoch`` for this rank (teacher rows joined when cached)."""
         pe = self.plan_epoch(epoch)
+        if pe != epoch and not self._cycle_logged:
+            self.log(f"training epoch {epoch} >= {self.plan.cached_epochs} cached epochs: "
+                     f"cycling through cached epochs (epoch % {self.plan.cached_epochs})")
+            self._cycle_logged = True
         if self.reader is not None:
             self._check_ready(pe)
         loader = make_replay_loader(

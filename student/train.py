@@ -70,7 +70,7 @@ def train(cfg: TrainConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=state.step if cfg.run.resume else None)
-    log(f"student {cfg.model.name}: loss={cfg.loss.mode} teacher={cfg.teacher.mode} lr={lr:.3g} "
+    log(f"student {cfg.model.name}: loss={cfg.loss.mode} teacher={cfg.teacher.mode if cfg.loss.mode != 'none' else 'unused'} lr={lr:.3g} "
         f"{num_batches} batches x {data.batch_size} x {dist.world_size} rank(s) per epoch, epochs {state.epoch}..{cfg.run.epochs - 1}")
 
     net = DistributedDataParallel(model) if dist.world_size > 1 else model
