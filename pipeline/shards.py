@@ -153,8 +153,15 @@ def load_manifest(split_dir: str | os.PathLike) -> Manifest:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex of a local file or an fsspec URL (shards, teacher checkpoints)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    if "://" in str(path):
+        import fsspec
+
+        opened = fsspec.open(str(path), "rb").open()
+    else:
+        opened = open(path, "rb")
+    with opened as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -13,7 +13,6 @@ distribution at any temperature (log-prob = logit - lse).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigBase, check
+from pipeline.shards import file_sha256  # noqa: F401  (also re-exported: cache attrs use it)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,15 +78,6 @@ class TeacherOutput:
     def logprobs(self) -> torch.Tensor:
         """Top-k log-probabilities, ``values - lse``."""
         return self.values - self.lse[:, None]
-
-
-def file_sha256(path: str) -> str:
-    """sha256 hex of a local or fsspec file."""
-    h = hashlib.sha256()
-    with _open(path) as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _open(path: str):
