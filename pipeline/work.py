@@ -70,20 +70,8 @@ class _ReplayParts(torch.utils.data.Dataset):
             "image": torch.stack([it.image for it in items]) if items else None,
             "sample_id": np.array([it.sample_id for it in items], dtype=np.int64),
             "view": np.full(len(items), view, dtype=np.int64),
-            "skipped": [_skip_record(s, self.shard.name, self.epoch, view) for s in skipped],
+            "skipped": skipped,  # replay's records: {shard, key, sample_id, epoch, view, reason}
         }
-
-
-def _skip_record(s: Any, shard: str, epoch: int, view: int) -> dict:
-    """Normalize replay's skip report (tuple or dict) to {shard, key, epoch, view, reason}."""
-    if isinstance(s, dict):
-        rec = dict(s)
-    else:
-        rec = dict(zip(("shard", "key", "epoch", "view", "reason"), s))
-    rec.setdefault("shard", shard)
-    rec.setdefault("epoch", epoch)
-    rec.setdefault("view", view)
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
 
 
 def _slices(samples, shard, cfg, epoch, out_size, num_classes):
