@@ -111,7 +111,11 @@ def train(name: str, config: str, overrides: list[str], cfg: DemoConfig) -> floa
 
 
 def export_teacher(run_dir: Path) -> Path:
-    """The trained teacher's weights as ``{"model": state_dict}`` (what teacher/model.py loads)."""
+    """The trained teacher's weights alone as ``{"model": state_dict}``.
+
+    teacher/model.py also loads the full training checkpoint, but a weights-only file is the
+    teacher artifact the cache's ``checkpoint_sha256`` should name (no optimizer/RNG state).
+    """
     import torch
 
     from student.checkpoint import latest_checkpoint, load_checkpoint
