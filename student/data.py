@@ -158,8 +158,7 @@ class TrainData:
             except CacheNotReady as e:
                 if not self.cfg.cache.wait:
                     raise
-                epoch, shard = _not_ready_item(e, plan_epoch, self.manifest, sample_ids, self.reader)
-                self.reader.wait_done(epoch, shard, timeout=self.cfg.cache.timeout_s,
+                self.reader.wait_done(e.epoch, e.shard, timeout=self.cfg.cache.timeout_s,
                                       poll=self.cfg.cache.poll_s, log=self.log)
 
     def _join(self, batch: dict, plan_epoch: int) -> dict:
@@ -176,19 +175,6 @@ class TrainData:
             batch = {k: (v[keep] if torch.is_tensor(v) and v.shape[:1] == keep.shape else v) for k, v in batch.items()}
         batch["dropped"] = dropped
         return batch
-
-
-def _not_ready_item(err: CacheNotReady, plan_epoch: int, manifest: Manifest, sample_ids, reader) -> tuple[int, int]:
-    """(epoch, shard) of a CacheNotReady error (from its attributes, else the first undone shard of the batch)."""
-    epoch = getattr(err, "epoch", None)
-    shard = getattr(err, "shard", getattr(err, "shard_index", None))
-    if epoch is not None and shard is not None:
-        return int(epoch), int(shard)
-    for sid in np.unique(sample_ids):
-        index = manifest.shard_of(int(sid)).index
-        if not reader.is_done(plan_epoch, index):
-            return plan_epoch, index
-    return plan_epoch, manifest.shard_of(int(sample_ids[0])).index
 
 
 def make_val_loader(cfg: TrainConfig, aug: AugConfig, rank: int = 0, world_size: int = 1):
