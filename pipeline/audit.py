@@ -1,6 +1,6 @@
 """Audit a teacher cache: re-score replayed images and compare with the stored rows.
 
-    python -m pipeline.audit runs/cache/fmnist_tiny.zarr --samples 200 [--checkpoint PATH] [--shards DIR]
+    python -m pipeline.audit runs/cache/fmnist_regnety002.zarr --samples 200 [--checkpoint PATH] [--shards DIR]
 
 The teacher and the plan are rebuilt from the cache attrs (the job config stored there);
 ``--checkpoint`` / ``--shards`` point at files that moved. For each epoch, ``--samples`` random
@@ -45,6 +45,7 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
     """
     from pipeline.cache import make_teacher
     from pipeline.replay import replay_items
+    from pipeline.schedule import epoch_cut, shard_pairs
     from pipeline.shards import load_manifest, read_shard
     from storage import open_cache
 
@@ -75,11 +76,13 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
             wanted[(manifest.shard_of(sid).index, view)].add(sid)
         images, ids, views = [], [], []
         shard_cache: dict[int, list] = {}
+        cut = epoch_cut(cfg.seed, epoch, cfg.views)
         for (s, view), sids in sorted(wanted.items()):
             shard = manifest.shards[s]
             raw = shard_cache.setdefault(s, read_shard(manifest.url(shard), shard))
+            pairs = [p for p in shard_pairs(cut, view, shard) if p[0] in sids]
             for item in replay_items(raw, shard, cfg.aug, cfg.seed, epoch, view, cfg.teacher.input_size,
-                                     cfg.teacher.num_classes, skipped=[]):
+                                     cfg.teacher.num_classes, pairs, skipped=[]):
                 if item.sample_id in sids:
                     images.append(item.image)
                     ids.append(item.sample_id)

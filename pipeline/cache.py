@@ -2,7 +2,7 @@
 
 Run it locally (embedded Ray) or on a cluster::
 
-    python -m pipeline.cache --config configs/cache/fmnist_tiny.yaml [epochs=3 teacher.amp=none ...]
+    python -m pipeline.cache --config configs/cache/fmnist_regnety002.yaml [epochs=3 teacher.amp=none ...]
     RAY_ADDRESS=head:6379 python -m pipeline.cache --config ...
     ray submit configs/teacher_cache.yaml pipeline/cache.py --config /abs/path/config.yaml
 
@@ -249,10 +249,13 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     import ray
     from tqdm import tqdm
 
-    from pipeline.shards import load_manifest
+    from pipeline.shards import class_mix_warning, load_manifest
 
     manifest = load_manifest(cfg.shards)
     check_manifest(cfg, manifest)
+    warning = class_mix_warning(manifest)
+    if warning and progress:
+        print(warning, file=sys.stderr)
     attrs = cache_attrs(cfg, manifest)
     writer = open_writer(cfg, manifest, attrs)
     todo, done_before = pending_items(writer, cfg.epochs, len(manifest.shards))

@@ -11,11 +11,17 @@ Examples::
     python -m pipeline.make_shards fmnist --out /data/fmnist-wds --limit-train 6000 --limit-val 1000
 
 Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/manifest.json (see pipeline/shards.py).
-Class index = position in sorted class-folder names of the train folder (or in --classes).
+Class index = position in sorted class-folder names of the train folder (or in --classes; a
+listed class may have no folder, e.g. a 100-class subset labelled in ImageNet's 1000).
 The val folder must use class subfolders too (e.g. after ImageNet's valprep.sh).
-Sample order (= sample_id) is sorted class folder, then sorted relative file path.
+Sample order (= sample_id) is a seeded global shuffle (--shuffle-seed, default 0), so every
+shard holds a class-random mix; --keep-order keeps the source order (sorted class folder, then
+sorted relative path), and a warning says when the result is class-sorted.
 A corrupt or unreadable image stops the run with an error naming the file, unless
 --skip-bad, which records it (path + error) under "skipped" in the manifest.
+Each split is written to a temporary folder and moved into place when complete: a failed or
+killed run leaves no half-written split, and re-running the same command finishes the job
+(complete splits made by the same command are kept).
 """
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards import ShardError, SourceSample, encode_png, sanitize_key, write_shards
+from pipeline.shards import (MANIFEST_NAME, ShardError, SourceSample, class_mix_warning, encode_png,
+                             load_manifest, sanitize_key, write_shards)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -137,11 +144,34 @@ def _bar(desc: str, total: int):
     return lambda it: tqdm(it, total=total, desc=desc, unit="img", dynamic_ncols=True)
 
 
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
+
+
 def _print_summary(m) -> None:
-    print(f"{m.path}: {m.num_samples} samples in {len(m.shards)} shards of {m.shard_size}, "
-          f"{m.num_classes} classes, {len(m.skipped)} skipped")
+    print(f"{m.path}: {_plural(m.num_samples, 'sample')} in {_plural(len(m.shards), 'shard')} of up to "
+          f"{m.shard_size:,}, {_plural(m.num_classes, 'class', 'classes')}, "
+          f"{len(m.skipped):,} skipped")
     for s in m.skipped:
         print(f"  skipped {s['path']}: {s['error']}", file=sys.stderr)
+    warning = class_mix_warning(m)
+    if warning:
+        print(warning, file=sys.stderr)
+
+
+def _write_split(samples, out: str, split: str, classes, args, source: dict, total: int) -> None:
+    """Write one split, or keep it when a complete one from the same command is already there."""
+    split_dir = Path(out) / split
+    order = {"shuffle_seed": None if args.keep_order else args.shuffle_seed}
+    if (split_dir / MANIFEST_NAME).exists() and not args.overwrite:
+        m = load_manifest(split_dir)
+        if m.source == source and m.shard_size == args.shard_size and m.order == order:
+            print(f"{split_dir}: complete from an earlier run of this command, kept")
+            return
+    m = write_shards(samples, out, split, classes, args.shard_size, shuffle_seed=order["shuffle_seed"],
+                     skip_bad=args.skip_bad, overwrite=args.overwrite, source=source,
+                     progress=_bar(split, total))
+    _print_summary(m)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -156,6 +186,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         sp.add_argument("--skip-bad", action="store_true",
                         help="record unreadable/corrupt images in manifest 'skipped' instead of failing")
         sp.add_argument("--overwrite", action="store_true", help="replace existing shards of the split(s)")
+        sp.add_argument("--shuffle-seed", type=int, default=0,
+                        help="seed of the global sample order written (default 0); see --keep-order")
+        sp.add_argument("--keep-order", action="store_true",
+                        help="write samples in source order (an ImageFolder's is class-sorted: not for training)")
 
     f = sub.add_parser("imagefolder", help="ImageNet-style tree: class subfolders of images",
                        description="Shard an ImageFolder tree (class subfolders). Keeps JPEG/PNG bytes as they are.")
@@ -180,12 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.source == "fmnist":
         for split, limit in (("train", args.limit_train), ("val", args.limit_val)):
             images, labels = load_fmnist(split, args.dir, limit)
-            m = write_shards(fmnist_samples(split, images, labels), args.out, split, FMNIST_CLASSES,
-                             args.shard_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
-                             source={"type": "fmnist", "dir": str(args.dir), "files": FMNIST_FILES[split],
-                                     "limit": limit},
-                             progress=_bar(f"fmnist {split}", len(images)))
-            _print_summary(m)
+            source = {"type": "fmnist", "dir": str(args.dir), "files": list(FMNIST_FILES[split]), "limit": limit}
+            _write_split(fmnist_samples(split, images, labels), args.out, split, FMNIST_CLASSES, args, source,
+                         len(images))
         return 0
 
     dirs = {"train": args.train_dir or (args.root and os.path.join(args.root, "train")),
@@ -202,11 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         classes, files = scan_imagefolder(dirs[split], classes)
         samples = imagefolder_samples(Path(dirs[split]), files)
-        m = write_shards(samples, args.out, split, classes, args.shard_size, skip_bad=args.skip_bad,
-                         overwrite=args.overwrite,
-                         source={"type": "imagefolder", "dir": os.path.abspath(dirs[split])},
-                         progress=_bar(f"{split}", len(samples)))
-        _print_summary(m)
+        source = {"type": "imagefolder", "dir": os.path.abspath(dirs[split]), "files": len(files)}
+        _write_split(samples, args.out, split, classes, args, source, len(samples))
     return 0
 
 

@@ -39,6 +39,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pipeline.config import ConfigBase, check
+from pipeline.decode import canonical_decodes
 from pipeline.randaugment import apply_op, parse_rand_augment
 
 # Domain tags keep the per-sample and per-shard streams apart even for equal integers.
@@ -71,6 +72,7 @@ class AugConfig(ConfigBase):
     of the shorter side, resize to ``out_size``, normalize; no flip/RandAugment/erase/mix.
     ``auto_augment`` None or "" disables RandAugment; only ``rand-...`` strings are
     supported.  ``mixup_alpha = cutmix_alpha = 0`` or ``mix_prob = 0`` disables mixing.
+    ``exif_transpose`` is the decoding rule (``pipeline.decode``): apply EXIF orientation.
     """
 
     scale: tuple[float, float] = (0.08, 1.0)
@@ -87,6 +89,7 @@ class AugConfig(ConfigBase):
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     enabled: bool = True
+    exif_transpose: bool = True
 
     def __post_init__(self) -> None:
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
@@ -289,53 +292,68 @@ def sample_params(cfg: AugConfig, seed: int, epoch: int, sample_id: int, view: i
 # --------------------------------------------------------------------------- pairing
 
 
-@lru_cache(maxsize=64)
-def _permutation(seed: int, epoch: int, view: int, index: int, first_id: int, count: int) -> np.ndarray:
-    """Offsets 0..count-1 of one shard in a seeded order (cached: one per shard)."""
-    perm = _generator(_PAIR_TAG, seed, epoch, view, index, first_id, count).permutation(count)
-    perm.setflags(write=False)
-    return perm
+# Version of the pairing rule below (and of pipeline.schedule's cut that defines the groups);
+# part of the fingerprint, so changing either refuses caches made with the old one.
+PAIRING_RULE = "shard-group-pairs-v1"
 
 
-@lru_cache(maxsize=64)
-def _partners(*shard_key: int) -> np.ndarray:
-    """partner[sample_id - first_id] for one shard."""
-    perm, first_id, count = _permutation(*shard_key), shard_key[4], shard_key[5]
-    partner = np.empty(count, dtype=np.int64)
-    even = count - count % 2
-    partner[perm[0:even:2]] = perm[1:even:2]
-    partner[perm[1:even:2]] = perm[0:even:2]
-    if count % 2:
-        partner[perm[-1]] = perm[0]  # odd one out borrows the first id (one-way pair)
-    partner += first_id
+@lru_cache(maxsize=256)
+def _pairing(seed: int, epoch: int, view: int, index: int, first_id: int, count: int,
+             members: tuple[int, ...] | None, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids in pairing order, partner of each id in that order) for one shard or shard group."""
+    if members is None:
+        ids = np.arange(first_id, first_id + count, dtype=np.int64)
+        key = (seed, epoch, view, index, first_id, count)
+    else:
+        ids = np.asarray(members, dtype=np.int64)
+        key = (seed, epoch, view, index, first_id, count, 1 + group)
+    order = ids[_generator(_PAIR_TAG, *key).permutation(len(ids))]
+    partner = np.empty_like(order)
+    even = len(order) - len(order) % 2
+    partner[0:even:2], partner[1:even:2] = order[1:even:2], order[0:even:2]
+    if len(order) % 2:
+        partner[-1] = order[0]  # odd one out borrows the first id (one-way pair)
+    order.setflags(write=False)
     partner.setflags(write=False)
-    return partner
+    return order, partner
 
 
-def _shard_key(seed: int, epoch: int, view: int, shard) -> tuple[int, ...]:
-    return (seed, epoch, view, int(shard.index), int(shard.first_id), int(shard.count))
+def _pairing_for(seed, epoch, view, shard, members, group):
+    first, count = int(shard.first_id), int(shard.count)
+    if members is not None:
+        members = tuple(int(m) for m in members)
+        if not members or min(members) < first or max(members) >= first + count:
+            raise ValueError(f"shard {getattr(shard, 'name', shard.index)}: mix-pair members must be a "
+                             f"non-empty subset of [{first}, {first + count})")
+    return _pairing(int(seed), int(epoch), int(view), int(shard.index), first, count, members, int(group))
 
 
-def mix_pairs(seed: int, epoch: int, view: int, shard) -> list[tuple[int, int]]:
+def mix_pairs(seed: int, epoch: int, view: int, shard, members: Sequence[int] | None = None,
+              group: int = 0) -> list[tuple[int, int]]:
     """(sample_id, partner_id) for every sample of ``shard`` (needs .index/.first_id/.count).
 
     A seeded per-(seed, epoch, view, shard) permutation is cut into consecutive mutual
     pairs; with an odd count the last id is paired with the first id of the
     permutation (one-way); a one-sample shard pairs the sample with itself.  Every id
     appears exactly once as first element; the list is in permutation order.
+
+    ``members`` restricts the pairing to a subset of the shard's ids, ``group`` names that
+    subset in the seed: ``pipeline.schedule`` cuts a few shards of each epoch into groups that
+    go to different student epochs, and a partner must come from the same group.
     """
-    key = _shard_key(seed, epoch, view, shard)
-    perm, partner, first = _permutation(*key), _partners(*key), key[4]
-    return [(first + i, int(partner[i])) for i in perm.tolist()]
+    order, partner = _pairing_for(seed, epoch, view, shard, members, group)
+    return list(zip(order.tolist(), partner.tolist()))
 
 
-def mix_partner(seed: int, epoch: int, view: int, shard, sample_id: int) -> int:
+def mix_partner(seed: int, epoch: int, view: int, shard, sample_id: int,
+                members: Sequence[int] | None = None, group: int = 0) -> int:
     """The sample whose image is mixed into ``sample_id``'s (see :func:`mix_pairs`)."""
-    first, count = int(shard.first_id), int(shard.count)
-    if not first <= sample_id < first + count:
+    order, partner = _pairing_for(seed, epoch, view, shard, members, group)
+    hit = np.nonzero(order == sample_id)[0]
+    if not len(hit):
         raise ValueError(f"shard {getattr(shard, 'name', shard.index)}: sample_id {sample_id} "
-                         f"outside [{first}, {first + count})")
-    return int(_partners(*_shard_key(seed, epoch, view, shard))[sample_id - first])
+                         f"is not among the paired ids")
+    return int(partner[hit[0]])
 
 
 # --------------------------------------------------------------------------- pixels
@@ -479,11 +497,15 @@ def _fingerprint_cases(cfg: AugConfig, img: Image.Image) -> list[AugParams]:
 def fingerprint(cfg: AugConfig) -> str:
     """sha256 hex of the config plus the plan's pixels/labels on canonical inputs.
 
-    Covers sample_params, apply (every RandAugment op, erase), mix and soft_label at
-    FINGERPRINT_SIZE px, so a config change or a library upgrade that changes pixels
-    changes the fingerprint.
+    Covers decoding (``pipeline.decode.canonical_decodes``), sample_params, apply (every
+    RandAugment op, erase), mix, soft_label at FINGERPRINT_SIZE px and the mix-pairing rule,
+    so a config change or a library upgrade that changes pixels changes the fingerprint.
     """
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    digest.update(PAIRING_RULE.encode())
+    for pixels in canonical_decodes(cfg.exif_transpose):
+        digest.update(repr(pixels.shape).encode())
+        digest.update(pixels.tobytes())
     img_a, img_b = _canonical_images()
     partner = apply(img_b, sample_params(cfg, 0, 0, 8, 0, img_b.size), FINGERPRINT_SIZE, cfg)
     for params in _fingerprint_cases(cfg, img_a):

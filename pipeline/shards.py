@@ -3,34 +3,52 @@
 Layout (one folder per split)::
 
     <out>/<split>/<split>-000000.tar     # exactly ``shard_size`` samples (the last may hold fewer)
-    <out>/<split>/manifest.json          # shard names, counts, first ids, bytes, sha256, classes
+    <out>/<split>/manifest.json          # shard names, counts, first ids, bytes, sha256,
+                                         # per-shard class counts, classes, sample order
 
-Each sample in a tar has the members ``<key>.jpg`` or ``<key>.png`` (encoded image),
+Each sample in a tar has the members ``<key>.jpg|jpeg|png|webp`` (encoded image),
 ``<key>.cls`` (label as decimal text) and ``<key>.sid`` (sample id as decimal text).
 ``sample_id`` is the global position in manifest order, so shard ``i`` starts at
 ``i * shard_size``; storage chunks rely on that fixed size.
 
-Writing keeps original JPEG/PNG bytes (the ImageNet convention) after checking that they
+Samples are written in a seeded global shuffle by default (``shuffle_seed``, recorded in the
+manifest): an ImageFolder lists files class by class, and a class-sorted shard would give
+same-class Mixup partners and single-class batches. :func:`class_mix` measures how mixed a
+split's shards are from the manifest's class counts (shards written by other tools may be sorted).
+
+Writing keeps original JPEG/PNG/WebP bytes (the ImageNet convention) after checking that they
 decode; other formats are re-encoded as PNG (lossless). Tar members carry fixed metadata,
-so writing the same source twice gives byte-identical shards and manifest checksums.
+so writing the same source twice gives byte-identical shards and manifest checksums. A split
+is written into a temporary folder and moved into place when complete.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import math
 import os
 import re
+import shutil
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from PIL import Image
+import numpy as np
+
+from PIL import Image, ImageOps
+
+from pipeline.decode import DecodeError, decode, to_rgb
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
-IMAGE_EXTS = ("jpg", "png")
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no order / class counts
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # tar member extensions read as the image
+_KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
 
 
 class ShardError(RuntimeError):
@@ -62,6 +80,7 @@ class ShardInfo:
     count: int
     bytes: int
     sha256: str
+    class_counts: tuple[tuple[int, int], ...] | None = None   # (label, count), labels ascending
 
 
 @dataclass
@@ -103,6 +122,7 @@ class Manifest:
     shards: list[ShardInfo]
     skipped: list[dict] = field(default_factory=list)
     source: Any = None
+    order: dict = field(default_factory=dict)   # {"shuffle_seed": s} or {"shuffle_seed": None} (source order)
     path: str = ""          # the split folder
     sha256: str = ""        # sha256 of the manifest file bytes
 
@@ -134,13 +154,19 @@ def load_manifest(split_dir: str | os.PathLike) -> Manifest:
     except FileNotFoundError:
         raise ShardError(f"no manifest at {path} (write shards with python -m pipeline.make_shards)") from None
     d = json.loads(raw)
-    if d.get("version") != MANIFEST_VERSION:
-        raise ShardError(f"{path}: version: expected {MANIFEST_VERSION}, found {d.get('version')}")
+    if d.get("version") not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: version: expected one of {READABLE_VERSIONS}, found {d.get('version')}")
+
+    def counts(s: dict):
+        cc = s.get("class_counts")
+        return None if cc is None else tuple((int(label), int(c)) for label, c in cc)
+
     shards = [ShardInfo(name=s["name"], index=i, first_id=s["first_id"], count=s["count"],
-                        bytes=s["bytes"], sha256=s["sha256"]) for i, s in enumerate(d["shards"])]
+                        bytes=s["bytes"], sha256=s["sha256"], class_counts=counts(s))
+              for i, s in enumerate(d["shards"])]
     m = Manifest(split=d["split"], num_samples=d["num_samples"], num_classes=d["num_classes"],
                  classes=list(d["classes"]), shard_size=d["shard_size"], shards=shards,
-                 skipped=list(d.get("skipped", [])), source=d.get("source"),
+                 skipped=list(d.get("skipped", [])), source=d.get("source"), order=d.get("order", {}),
                  path=str(Path(split_dir)), sha256=hashlib.sha256(raw).hexdigest())
     for s in shards:
         expect_count = min(m.shard_size, m.num_samples - s.first_id)
@@ -250,16 +276,13 @@ def read_shard(url: str, shard: ShardInfo, verify: bool = False) -> list[RawSamp
     return samples
 
 
-def decode_image(raw: RawSample) -> Image.Image:
-    """Decode a sample's bytes fully into an RGB PIL image; SampleError naming shard/key if corrupt."""
+def decode_image(raw: RawSample, exif_transpose: bool = True) -> Image.Image:
+    """Decode a sample's bytes into 8-bit RGB (``pipeline.decode.decode``); SampleError naming shard/key."""
     try:
-        with Image.open(io.BytesIO(raw.data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
+        return decode(raw.data, exif_transpose)
+    except DecodeError as exn:
         raise SampleError(f"shard {raw.shard or '?'} key {raw.key} (sample_id {raw.sample_id}): "
-                          f"cannot decode {raw.ext}: {type(exn).__name__}: {exn}",
-                          shard=raw.shard, key=raw.key) from exn
+                          f"cannot decode {raw.ext}: {exn}", shard=raw.shard, key=raw.key) from exn
 
 
 # --------------------------------------------------------------------------- writing
@@ -270,25 +293,28 @@ def sanitize_key(key: str) -> str:
 
 
 def encode_for_shard(data: bytes, origin: str) -> tuple[bytes, str]:
-    """Validate encoded image bytes by decoding; return (bytes, ext).
+    """Validate encoded image bytes by decoding them the plan's way; return (bytes, ext).
 
-    JPEG and PNG bytes are kept as they are; any other readable format is re-encoded as PNG.
-    Raises SampleError naming ``origin`` if the image cannot be decoded.
+    JPEG, PNG and WebP bytes are kept as they are (the ImageNet convention); any other format
+    Pillow reads (TIFF, BMP, PPM, GIF, ...) is re-encoded as lossless PNG in its own mode where
+    PNG has one (16-bit gray, alpha, palette stay), with the EXIF orientation applied, because
+    the PNG loses the tag. Raises SampleError naming ``origin`` if the image cannot be decoded.
     """
     try:
+        decode(data)  # the same rule the replay applies: what passes here decodes there
         with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format
+            ext = _KEPT_FORMATS.get(im.format)
+            if ext is not None:
+                return data, ext
             im.load()
-            if fmt == "JPEG":
-                return data, "jpg"
-            if fmt == "PNG":
-                return data, "png"
-            rgb = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+            im = ImageOps.exif_transpose(im)
+            if im.mode not in _PNG_MODES:
+                im = to_rgb(im)
+            out = io.BytesIO()
+            im.save(out, format="PNG")
+            return out.getvalue(), "png"
     except Exception as exn:
-        raise SampleError(f"{origin}: cannot decode image: {type(exn).__name__}: {exn}", path=origin) from exn
-    out = io.BytesIO()
-    rgb.save(out, format="PNG")
-    return out.getvalue(), "png"
+        raise SampleError(f"{origin}: cannot decode image: {exn}", path=origin) from exn
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -310,7 +336,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class _ShardWriter:
-    """Writes consecutive shards of exactly ``shard_size`` samples, via temp file + rename."""
+    """Writes consecutive shards of exactly ``shard_size`` samples into ``split_dir``."""
 
     def __init__(self, split_dir: Path, split: str, shard_size: int):
         self.split_dir, self.split, self.shard_size = split_dir, split, shard_size
@@ -318,16 +344,17 @@ class _ShardWriter:
         self.tar: tarfile.TarFile | None = None
         self.count = 0
         self.keys: set[str] = set()
+        self.labels: Counter = Counter()
 
     def add(self, key: str, label: int, data: bytes, ext: str, sample_id: int) -> None:
         if self.tar is None:
-            index = len(self.shards)
-            self.tmp = self.split_dir / (shard_name(self.split, index) + ".tmp")
-            self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
-            self.count, self.keys = 0, set()
+            self.path = self.split_dir / shard_name(self.split, len(self.shards))
+            self.tar = tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
+            self.count, self.keys, self.labels = 0, set(), Counter()
         if key in self.keys:
             raise ShardError(f"duplicate key {key!r} in shard {shard_name(self.split, len(self.shards))}")
         self.keys.add(key)
+        self.labels[label] += 1
         _add_member(self.tar, f"{key}.{ext}", data)
         _add_member(self.tar, f"{key}.cls", str(label).encode())
         _add_member(self.tar, f"{key}.sid", str(sample_id).encode())
@@ -341,17 +368,54 @@ class _ShardWriter:
         self.tar.close()
         self.tar = None
         index = len(self.shards)
-        name = shard_name(self.split, index)
-        final = self.split_dir / name
-        os.replace(self.tmp, final)
-        self.shards.append(ShardInfo(name=name, index=index, first_id=index * self.shard_size,
-                                     count=self.count, bytes=final.stat().st_size, sha256=file_sha256(final)))
+        self.shards.append(ShardInfo(name=self.path.name, index=index, first_id=index * self.shard_size,
+                                     count=self.count, bytes=self.path.stat().st_size,
+                                     sha256=file_sha256(self.path), class_counts=tuple(sorted(self.labels.items()))))
 
     def abort(self) -> None:
         if self.tar is not None:
             self.tar.close()
             self.tar = None
-            self.tmp.unlink(missing_ok=True)
+
+
+def shuffled(items: Sequence, seed: int) -> list:
+    """``items`` in a seeded order (Philox keyed on ``seed``; no global RNG)."""
+    key = np.random.SeedSequence((0x6B645F6D, int(seed))).generate_state(2, np.uint64)  # "kd_m"
+    perm = np.random.Generator(np.random.Philox(key=key)).permutation(len(items))
+    return [items[i] for i in perm.tolist()]
+
+
+def manifest_dict(split: str, classes: Sequence[str], shard_size: int, shards: Sequence[ShardInfo],
+                  skipped: list[dict], source: Any, order: dict) -> dict:
+    """The JSON content of ``manifest.json`` (format MANIFEST_VERSION)."""
+    return {
+        "version": MANIFEST_VERSION, "split": split, "num_samples": sum(s.count for s in shards),
+        "num_classes": len(classes), "classes": list(classes), "shard_size": shard_size, "order": order,
+        "shards": [{"name": s.name, "count": s.count, "first_id": s.first_id, "bytes": s.bytes,
+                    "sha256": s.sha256,
+                    "class_counts": None if s.class_counts is None else [list(c) for c in s.class_counts]}
+                   for s in shards],
+        "skipped": skipped, "source": source,
+    }
+
+
+def _clear_stale_partials(out_dir: Path, split: str) -> None:
+    """Remove ``.<split>.partial-<pid>`` folders left by killed runs (their pid is gone)."""
+    for p in out_dir.glob(f".{split}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue  # another run is writing it right now
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_shards(
@@ -361,6 +425,7 @@ def write_shards(
     classes: Sequence[str],
     shard_size: int,
     *,
+    shuffle_seed: int | None = 0,
     skip_bad: bool = False,
     source: Any = None,
     overwrite: bool = False,
@@ -368,32 +433,42 @@ def write_shards(
 ) -> Manifest:
     """Write ``samples`` as ``<out_dir>/<split>/<split>-%06d.tar`` shards plus ``manifest.json``.
 
+    The split is written into ``<out_dir>/.<split>.partial-<pid>/`` and moved into place only
+    when complete, so a failed or killed run never leaves a half-written split (a later run
+    removes the stale partial folder).
+
     Args:
-        samples: SourceSamples in the order that defines sample ids (label in [0, len(classes))).
+        samples: SourceSamples (label in [0, len(classes))).
         out_dir: dataset root; the split folder is created under it.
         split: split name ("train", "val", ...), used for folder and shard names.
         classes: class names; index = label.
         shard_size: samples per shard (every shard but the last holds exactly this many).
+        shuffle_seed: write the samples in this seeded global order (sample_id = position in it),
+            so every shard holds a class-random mix, as Mixup partners and batches need;
+            None keeps the source order (an ImageFolder's is class-sorted).
         skip_bad: record undecodable/unreadable images in ``manifest["skipped"]`` (path + error)
             instead of raising SampleError naming the file.
         source: free-form description of the source, stored in the manifest.
-        overwrite: replace an existing split folder's shards and manifest.
+        overwrite: replace an existing split.
         progress: optional wrapper for the sample iterator (e.g. ``tqdm``).
 
     Returns:
-        The loaded Manifest (written last, so a crash never leaves a valid-looking split).
+        The loaded Manifest.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    split_dir = Path(out_dir) / split
-    split_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(split_dir.glob(f"{split}-*.tar")) + [split_dir / MANIFEST_NAME]
-    if any(p.exists() for p in old):
-        if not overwrite:
-            raise FileExistsError(f"{split_dir} already holds shards or a manifest (use overwrite / --overwrite)")
-        for p in old:
-            p.unlink(missing_ok=True)
-    writer = _ShardWriter(split_dir, split, shard_size)
+    out_dir = Path(out_dir)
+    split_dir = out_dir / split
+    if split_dir.exists() and any(split_dir.iterdir()) and not overwrite:
+        what = "a complete split" if (split_dir / MANIFEST_NAME).exists() else "files but no manifest"
+        raise FileExistsError(f"{split_dir} already holds {what} (use overwrite / --overwrite)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_partials(out_dir, split)
+    partial = out_dir / f".{split}.partial-{os.getpid()}"
+    partial.mkdir()
+    if shuffle_seed is not None:
+        samples = shuffled(list(samples), shuffle_seed)
+    writer = _ShardWriter(partial, split, shard_size)
     skipped: list[dict] = []
     n = 0
     it = progress(samples) if progress is not None else samples
@@ -417,22 +492,91 @@ def write_shards(
             writer.add(sanitize_key(s.key), s.label, data, ext, n)
             n += 1
         writer.close()
+        if n == 0:
+            raise ShardError(f"{split_dir}: no samples to write for split {split!r}")
+        manifest = manifest_dict(split, classes, shard_size, writer.shards, skipped, source,
+                                 {"shuffle_seed": shuffle_seed})
+        (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+        _move_into_place(partial, split_dir)
     except BaseException:
         writer.abort()
+        shutil.rmtree(partial, ignore_errors=True)
         raise
-    if n == 0:
-        raise ShardError(f"{split_dir}: no samples to write for split {split!r}")
-    manifest = {
-        "version": MANIFEST_VERSION, "split": split, "num_samples": n, "num_classes": len(classes),
-        "classes": list(classes), "shard_size": shard_size,
-        "shards": [{"name": s.name, "count": s.count, "first_id": s.first_id, "bytes": s.bytes,
-                    "sha256": s.sha256} for s in writer.shards],
-        "skipped": skipped, "source": source,
-    }
-    tmp = split_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, split_dir / MANIFEST_NAME)
     return load_manifest(split_dir)
+
+
+def _move_into_place(partial: Path, split_dir: Path) -> None:
+    """Replace ``split_dir`` by the finished ``partial`` folder (the old one, if any, goes last)."""
+    old = None
+    if split_dir.exists():
+        old = split_dir.with_name(f".{split_dir.name}.old-{os.getpid()}")
+        os.replace(split_dir, old)
+    os.replace(partial, split_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- class mix
+
+
+@dataclass(frozen=True)
+class ClassMix:
+    """How class-mixed a split's shards are, against the same shards in random order.
+
+    ``distinct``/``distinct_random``: mean distinct classes per shard, observed and expected
+    for a uniformly random order; ``same_pair``/``same_pair_random``: chance that two samples
+    of one shard (a Mixup/CutMix pair) share a class; ``worst``: names of the least mixed shards.
+    """
+
+    distinct: float
+    distinct_random: float
+    same_pair: float
+    same_pair_random: float
+    worst: tuple[str, ...]
+
+    @property
+    def ratio(self) -> float:
+        return self.distinct / self.distinct_random if self.distinct_random else 1.0
+
+
+def class_mix(m: Manifest) -> ClassMix | None:
+    """:class:`ClassMix` from the manifest's per-shard class counts (None if it has none)."""
+    if any(s.class_counts is None for s in m.shards) or m.num_samples < 2:
+        return None
+    totals: Counter = Counter()
+    for s in m.shards:
+        for label, c in s.class_counts:
+            totals[label] += c
+    n = m.num_samples
+
+    @lru_cache(maxsize=None)
+    def expected_distinct(size: int) -> float:
+        # E[#classes in `size` draws without replacement] = sum_c 1 - C(n - n_c, size) / C(n, size)
+        base = math.lgamma(n + 1) - math.lgamma(n - size + 1)
+        return sum(1.0 if n - nc < size else
+                   1.0 - math.exp(math.lgamma(n - nc + 1) - math.lgamma(n - nc - size + 1) - base)
+                   for nc in totals.values())
+
+    distinct = [len(s.class_counts) for s in m.shards]
+    expected = [expected_distinct(s.count) for s in m.shards]
+    pairs = [(sum(c * (c - 1) for _, c in s.class_counts), s.count * (s.count - 1)) for s in m.shards]
+    random_pair = sum(c * (c - 1) for c in totals.values()) / (n * (n - 1))
+    worst = sorted(range(len(m.shards)), key=lambda i: distinct[i] / expected[i])[:3]
+    return ClassMix(distinct=sum(distinct) / len(distinct), distinct_random=sum(expected) / len(expected),
+                    same_pair=sum(p for p, _ in pairs) / max(1, sum(q for _, q in pairs)),
+                    same_pair_random=random_pair, worst=tuple(m.shards[i].name for i in worst))
+
+
+def class_mix_warning(m: Manifest, threshold: float = 0.5) -> str | None:
+    """A warning when shards hold far fewer classes than a random order would (e.g. class-sorted)."""
+    mix = class_mix(m)
+    if mix is None or mix.ratio >= threshold:
+        return None
+    return (f"warning: shards of {m.path} look class-sorted: {mix.distinct:.1f} distinct classes per shard "
+            f"on average, a random order would give {mix.distinct_random:.1f} (least mixed: {', '.join(mix.worst)}); "
+            f"Mixup/CutMix partners come from the same shard, so {100 * mix.same_pair:.0f}% of pairs share a class "
+            f"(random order: {100 * mix.same_pair_random:.1f}%). Re-shard with `python -m pipeline.make_shards` "
+            f"(it shuffles by default).")
 
 
 def iter_samples(m: Manifest, verify: bool = False) -> Iterator[RawSample]:

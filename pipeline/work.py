@@ -46,14 +46,15 @@ class _ReplayParts(torch.utils.data.Dataset):
     same order as replaying each view whole.
     """
 
-    def __init__(self, samples, shard, cfg, epoch: int, out_size: int, num_classes: int, part_pairs: int):
-        from pipeline.plan import mix_pairs
+    def __init__(self, samples, shard, cfg, epoch: int, out_size: int, num_classes: int, part_pairs: int,
+                 cut):
+        from pipeline.schedule import shard_pairs
 
         self.samples, self.shard, self.cfg = samples, shard, cfg
         self.epoch, self.out_size, self.num_classes = epoch, out_size, num_classes
         self.parts = []
         for view in range(cfg.views):
-            pairs = mix_pairs(cfg.seed, epoch, view, shard)
+            pairs = shard_pairs(cut, view, shard)  # partners from the sample's student-epoch part
             self.parts += [(view, pairs[i:i + part_pairs]) for i in range(0, len(pairs), part_pairs)]
 
     def __len__(self) -> int:
@@ -65,7 +66,7 @@ class _ReplayParts(torch.utils.data.Dataset):
         view, pairs = self.parts[index]
         skipped: list = []
         items = list(replay_items(self.samples, self.shard, self.cfg.aug, self.cfg.seed, self.epoch, view,
-                                  self.out_size, self.num_classes, skipped=skipped, pairs=pairs))
+                                  self.out_size, self.num_classes, pairs, skipped=skipped))
         return {
             "image": torch.stack([it.image for it in items]) if items else None,
             "sample_id": np.array([it.sample_id for it in items], dtype=np.int64),
@@ -74,11 +75,11 @@ class _ReplayParts(torch.utils.data.Dataset):
         }
 
 
-def _slices(samples, shard, cfg, epoch, out_size, num_classes):
+def _slices(samples, shard, cfg, epoch, out_size, num_classes, cut):
     """Yield the replayed parts in order, made in ``cfg.num_workers`` processes (0 = here)."""
     workers = cfg.num_workers
     # about one teacher batch per part (a pair gives two rows)
-    dataset = _ReplayParts(samples, shard, cfg, epoch, out_size, num_classes, max(1, cfg.batch_size // 2))
+    dataset = _ReplayParts(samples, shard, cfg, epoch, out_size, num_classes, max(1, cfg.batch_size // 2), cut)
     if workers == 0:
         yield from (dataset[i] for i in range(len(dataset)))
         return
@@ -123,6 +124,7 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
         ShardError naming the shard for a missing/truncated tar; nothing is written then.
     """
     from pipeline.cache import cache_attrs, make_teacher, open_writer
+    from pipeline.schedule import epoch_cut
     from pipeline.shards import load_manifest, read_shard
 
     t0 = time.perf_counter()
@@ -151,7 +153,8 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
             _maybe_die(fault_marker)
         buffer = [images[stop:]] if stop < len(images) else []
 
-    for piece in _slices(samples, shard, cfg, epoch, teacher.cfg.input_size, cfg.teacher.num_classes):
+    cut = epoch_cut(cfg.seed, epoch, cfg.views)
+    for piece in _slices(samples, shard, cfg, epoch, teacher.cfg.input_size, cfg.teacher.num_classes, cut):
         skipped.extend(piece["skipped"])
         if piece["image"] is None:
             continue

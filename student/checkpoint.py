@@ -4,8 +4,9 @@
 data={...})`` stores ``obj.state_dict()`` for every value that has one and the value itself
 otherwise. Written to a temporary file then ``os.replace``-d, so a crash never leaves a
 half-written checkpoint under the final name. Augmentation and data order need no RNG state
-(they are counter-based: seed, epoch, sample_id, view); the trainer adds the torch RNG state
-under ``rng`` itself, because stochastic depth draws from it.
+(they are counter-based: seed, epoch, sample_id, view); the trainer adds :func:`rng_state`
+under ``rng`` itself, because stochastic depth draws from the global RNG of the device it runs on
+(CPU and every CUDA device), and restores it with :func:`set_rng_state`.
 
 Files in a run folder are named ``checkpoint-<N>.pt`` (N = epoch or step, the caller's choice;
 ``latest_checkpoint`` picks the largest N) and optionally ``last.pt``.
@@ -27,6 +28,8 @@ __all__ = [
     "latest_checkpoint",
     "checkpoint_path",
     "restore",
+    "rng_state",
+    "set_rng_state",
 ]
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
@@ -103,3 +106,33 @@ def restore(state: dict, path: str | os.PathLike = "<checkpoint>", **objects: An
         if key not in state:
             raise CheckpointError(f"checkpoint {path}: missing key {key!r} (has {sorted(state)})")
         obj.load_state_dict(state[key])
+
+
+def rng_state() -> dict:
+    """The torch RNG state of every device in use: ``{"cpu": ..., "cuda": [per device]}``.
+
+    CUDA states are taken only once CUDA is initialized in this process (a CPU run on a GPU
+    machine does not touch the devices).
+    """
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict | torch.Tensor) -> None:
+    """Restore :func:`rng_state` (a bare tensor, from older checkpoints, is the CPU state).
+
+    Raises CheckpointError when the checkpoint holds CUDA states for more devices than exist here.
+    """
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda")
+    if cuda:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if len(cuda) > available:
+            raise CheckpointError(f"checkpoint holds RNG states of {len(cuda)} CUDA devices, "
+                                  f"this process sees {available}")
+        torch.cuda.set_rng_state_all(cuda)

@@ -37,6 +37,10 @@ class DataConfig(ConfigBase):
 
     ``seed``, ``views`` and ``aug`` default to the cache's own (the student replays what
     the teacher saw); when given they must match the cache (aug by fingerprint).
+
+    A student epoch is one pass over the split's N images (``pipeline.schedule``): with
+    ``sampler: ra`` (DeiT's RASampler) N/V samples x V views, with ``one_view`` one view of
+    every sample; V student epochs read one cache epoch, each cached row once.
     """
 
     train: str = ""                    # split dir with manifest.json (train shards)
@@ -45,7 +49,10 @@ class DataConfig(ConfigBase):
     batch_size: int = 128              # GLOBAL batch per optimizer micro-step (divided over DDP ranks)
     num_workers: int = 2
     seed: int | None = None            # plan seed; None = cache attrs
-    views: int | None = None           # views per sample per epoch; None = all cached views
+    views: int | None = None           # repeated-augmentation views V; None = the cache's (1 without a cache)
+    sampler: str = "ra"                # ra (N/V samples x V views per epoch) | one_view (one view of each sample)
+    interleave: int = 4                # shards each loader worker replays at once (class mixing)
+    shuffle_buffer: int = 512          # items per worker shuffle buffer
     aug: AugConfig | None = None       # None = cache attrs
     max_batches: int | None = None     # cap on batches per epoch (smoke runs, benchmarks)
     eval_batch_size: int = 256
@@ -55,6 +62,8 @@ class DataConfig(ConfigBase):
         check(self.batch_size > 0, "data.batch_size", f"must be positive, found {self.batch_size}")
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         check(self.views is None or self.views > 0, "data.views", "must be positive")
+        check(self.sampler in ("ra", "one_view"), "data.sampler", f"must be ra|one_view, found {self.sampler!r}")
+        check(self.interleave >= 1, "data.interleave", "must be >= 1")
         check(self.max_batches is None or self.max_batches > 0, "data.max_batches", "must be positive")
 
 

@@ -1,10 +1,12 @@
-"""Student data: the replayed shards joined with cached teacher targets.
+"""Student data: the replayed shards of a student epoch joined with cached teacher targets.
 
 The plan (seed, views, augmentation) defaults to the cache's attrs, so the student replays
 exactly what the teacher saw; the cache is opened with ``expect=`` the student's plan
 fingerprint, the shard manifest sha256 and k, and refuses to serve anything else.
-Each batch of :func:`pipeline.replay.make_replay_loader` is joined with the cache rows
-``(epoch, sample_id, view)``; rows the cache marks invalid are dropped (and counted).
+``pipeline.schedule`` decides which cached rows a student epoch reads (one pass over the N
+images: N/V samples x V views with the default ``ra`` sampler) and which rank reads them;
+``pipeline.loader`` replays and batches them; each batch is joined with the cache rows
+``(cache epoch, sample_id, view)``. Rows the cache marks invalid are dropped (and counted).
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from pipeline.loader import LoaderConfig, ReplayLoader, split_loader
 from pipeline.plan import AugConfig, fingerprint
-from pipeline.replay import make_replay_loader, steps_per_epoch
+from pipeline.schedule import Schedule
 from pipeline.shards import Manifest, load_manifest
 from storage import CacheMismatchError, CacheNotReady, CacheReader, open_cache
 from student.config import TrainConfig
@@ -27,10 +30,10 @@ class ReplayPlan:
     """What the student replays: the teacher's plan, or an explicit one when there is no cache."""
 
     seed: int
-    views: int
+    views: int                  # repeated-augmentation views V (the cache's)
     aug: AugConfig
     fingerprint: str
-    cached_epochs: int | None   # epochs in the cache (training cycles through them)
+    cached_epochs: int | None   # epochs in the cache (training cycles through them); None = no cache
     k: int | None               # teacher top-k (cache or teacher.k)
 
 
@@ -56,9 +59,11 @@ def resolve_plan(cfg: TrainConfig, attrs: dict | None) -> ReplayPlan:
     seed = int(attrs["seed"]) if data.seed is None else data.seed
     if seed != int(attrs["seed"]):
         raise CacheMismatchError(f"{where}: field seed: expected {seed}, found {attrs['seed']}")
-    views = int(attrs["views"]) if data.views is None else data.views
-    if views > int(attrs["views"]):
-        raise CacheMismatchError(f"{where}: field views: student wants {views}, cache holds {attrs['views']}")
+    views = int(attrs["views"])
+    if data.views is not None and data.views != views:
+        raise CacheMismatchError(
+            f"{where}: field views: the run asks for data.views={data.views}, the cache holds {views} views "
+            f"per sample (leave data.views unset; data.sampler=one_view reads one view per epoch)")
     return ReplayPlan(seed, views, aug, fp, int(attrs["epochs"]), int(attrs["k"]))
 
 
@@ -89,12 +94,15 @@ class TrainData:
         manifest: the train split manifest.
         plan: from :func:`resolve_plan`.
         reader: the cache, or None (online teacher / no distillation).
-        rank, world_size: DDP position; whole shards are split by rank.
+        rank, world_size: DDP position; each rank reads its block of every epoch's rows.
         log: where notices go (rank 0 print).
+        extra_size: also replay every row at this size (``batch["extra_image"]``), e.g. for an
+            online teacher whose input size differs from the student's.
     """
 
     def __init__(self, cfg: TrainConfig, manifest: Manifest, plan: ReplayPlan, reader: CacheReader | None,
-                 rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print):
+                 rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print,
+                 extra_size: int | None = None):
         if cfg.data.batch_size % world_size:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {world_size} ranks")
         self.cfg = cfg
@@ -105,51 +113,56 @@ class TrainData:
         self.world_size = world_size
         self.batch_size = cfg.data.batch_size // world_size
         self.log = log
+        self.extra_size = extra_size
+        self.schedule = make_schedule(cfg, manifest, plan)
         self._cycle_logged = False
 
     def plan_epoch(self, epoch: int) -> int:
-        """The cached epoch replayed at training epoch ``epoch`` (cycles past the cached count)."""
-        cached = self.plan.cached_epochs
-        return epoch if cached is None or epoch < cached else epoch % cached
+        """The cache epoch student epoch ``epoch`` reads (cycles past the cached count)."""
+        return self.schedule.source(epoch).cache_epoch
 
     def num_batches(self) -> int:
-        """Batches per epoch, identical on every rank (the smallest rank's count, capped by data.max_batches)."""
-        n = steps_per_epoch(self.manifest, self.batch_size, self.world_size, self.plan.views)
+        """Batches per epoch, identical on every rank (capped by data.max_batches)."""
+        n = self.schedule.steps(0, self.batch_size, self.world_size)
         if self.cfg.data.max_batches is not None:
             n = min(n, self.cfg.data.max_batches)
         return n
 
+    def loader(self, epoch: int) -> ReplayLoader:
+        """The replay loader of student epoch ``epoch`` on this rank (no cache join)."""
+        d = self.cfg.data
+        lcfg = LoaderConfig(batch_size=self.batch_size, out_size=d.img_size, num_workers=d.num_workers,
+                            interleave=d.interleave, shuffle_buffer=d.shuffle_buffer,
+                            extra_size=self.extra_size, max_batches=self.num_batches())
+        units = self.schedule.rank_units(epoch, self.rank, self.world_size)
+        return ReplayLoader(self.manifest, self.plan.aug, self.plan.seed, units, lcfg,
+                            order_seed=(self.plan.seed, epoch, self.rank))
+
     def batches(self, epoch: int) -> Iterator[dict]:
-        """Batches of training epoch ``epoch`` for this rank (teacher rows joined when cached)."""
-        pe = self.plan_epoch(epoch)
-        if pe != epoch and not self._cycle_logged:
-            self.log(f"training epoch {epoch} >= {self.plan.cached_epochs} cached epochs: "
-                     f"cycling through cached epochs (epoch % {self.plan.cached_epochs})")
+        """Batches of student epoch ``epoch`` for this rank (teacher rows joined when cached)."""
+        src = self.schedule.source(epoch)
+        if src.cycle and not self._cycle_logged:
+            self.log(f"student epoch {epoch} reads {src.describe()}: the run is longer than the cache's "
+                     f"{self.plan.cached_epochs} epochs x {self.plan.views} views, so cached rows are read again")
             self._cycle_logged = True
         if self.reader is not None:
-            self._check_ready(pe)
-        loader = make_replay_loader(
-            self.cfg.data.train, self.plan.aug, seed=self.plan.seed, epoch=pe, views=self.plan.views,
-            out_size=self.cfg.data.img_size, batch_size=self.batch_size, num_workers=self.cfg.data.num_workers,
-            # The training epoch (not the cycled plan epoch) seeds the order: cycled epochs reshuffle.
-            shuffle=True, shuffle_seed=self.plan.seed * 1_000_003 + epoch, rank=self.rank, world_size=self.world_size,
-            max_batches=self.num_batches(), manifest=self.manifest,
-        )
+            self._check_ready(epoch)
+        loader = self.loader(epoch)
         seen_skips = 0
         for batch in loader:
-            batch = self._join(batch, pe) if self.reader is not None else dict(batch, dropped=0)
+            batch = self._join(batch, src.cache_epoch) if self.reader is not None else dict(batch, dropped=0)
             # Corrupt samples the replay could not decode count as dropped rows too.
             batch["dropped"] += len(loader.skipped) - seen_skips
             seen_skips = len(loader.skipped)
             yield batch
 
-    def _check_ready(self, plan_epoch: int) -> None:
+    def _check_ready(self, epoch: int) -> None:
         """Without ``cache.wait`` fail fast, naming the first (epoch, shard) that is not done."""
         if self.cfg.cache.wait:
             return
-        for shard in self.manifest.shards:
-            if not self.reader.is_done(plan_epoch, shard.index):
-                raise CacheNotReady(plan_epoch, shard.index)
+        for cache_epoch, shard in self.schedule.needed_items(epoch):
+            if not self.reader.is_done(cache_epoch, shard):
+                raise CacheNotReady(cache_epoch, shard, self.reader.path)
 
     def _lookup(self, plan_epoch: int, sample_ids: np.ndarray, views: np.ndarray):
         while True:
@@ -177,14 +190,19 @@ class TrainData:
         return batch
 
 
-def make_val_loader(cfg: TrainConfig, aug: AugConfig, rank: int = 0, world_size: int = 1):
+def make_schedule(cfg: TrainConfig, manifest: Manifest, plan: ReplayPlan) -> Schedule:
+    """The run's student-epoch schedule; without a cache, plan epochs never cycle."""
+    cached = plan.cached_epochs or max(1, -(-cfg.run.epochs // plan.views))
+    return Schedule(manifest.shards, plan.views, cached, plan.seed, sampler=cfg.data.sampler)
+
+
+def make_val_loader(cfg: TrainConfig, aug: AugConfig, rank: int = 0, world_size: int = 1) -> ReplayLoader:
     """Eval-style batches of the val shards (resize + center crop, the plan's normalization)."""
     val_aug = dataclasses.replace(aug, enabled=False)
-    return make_replay_loader(
-        cfg.data.val, val_aug, seed=0, epoch=0, views=1, out_size=cfg.data.img_size,
-        batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, shuffle=False,
-        rank=rank, world_size=world_size,
-    )
+    lcfg = LoaderConfig(batch_size=cfg.data.eval_batch_size, out_size=cfg.data.img_size,
+                        num_workers=cfg.data.num_workers, shuffle_buffer=0)
+    return split_loader(load_manifest(cfg.data.val), val_aug, lcfg, rank=rank, world_size=world_size)
 
 
-__all__ = ["ReplayPlan", "resolve_plan", "open_checked_cache", "TrainData", "make_val_loader", "load_manifest"]
+__all__ = ["ReplayPlan", "resolve_plan", "open_checked_cache", "TrainData", "make_schedule", "make_val_loader",
+           "load_manifest"]

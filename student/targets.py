@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from teacher.targets import TeacherTargets, topk_from_logits
 
@@ -29,8 +28,9 @@ class OnlineTargets:
     Args:
         logits_fn: images ``[B,3,H,W]`` -> teacher logits ``[B,C]`` (e.g. ``Teacher.forward_logits``).
         k: entries kept, the cache's k (k == C keeps the full distribution exactly).
-        input_size: teacher resolution; images at another student resolution are resized
-            bicubically (an approximation: the cache saw the plan rendered at this size).
+        input_size: teacher resolution. When the student trains at another size the loader
+            replays the plan a second time at this size (``batch["extra_image"]``, as the caching
+            job renders it), so the online teacher scores exactly what a cached one scored.
     """
 
     def __init__(self, logits_fn, k: int, input_size: int | None = None):
@@ -40,9 +40,10 @@ class OnlineTargets:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> TeacherTargets:
-        images = batch["image"]
+        images = batch.get("extra_image", batch["image"])
         if self.input_size is not None and images.shape[-1] != self.input_size:
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
+            raise ValueError(f"online teacher takes {self.input_size} px images, the batch holds "
+                             f"{images.shape[-1]} px ones (replay them at the teacher's size: extra_size)")
         logits = self.logits_fn(images)
         return TeacherTargets(*topk_from_logits(logits.float(), self.k))
 

@@ -2,6 +2,7 @@
 
     python -m student.train --config configs/student/fmnist_hard.yaml [run.epochs=3 loss.mode=soft ...]
     python -m student.train --config ... --resume          # continue from the latest checkpoint in run.out
+    python -m student.train --config ... --dry-run [--world-size 8]   # print the schedule, train nothing
     torchrun --nproc_per_node 2 -m student.train --config ...   # DDP (gloo on CPU, nccl on CUDA)
 
 Reads top to bottom: config -> data (+ cache guard) -> teacher targets -> model/loss/optim ->
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import load_config
 from student import distributed
-from student.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from student.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, restore, rng_state,
+                                save_checkpoint, set_rng_state)
 from student.config import TrainConfig
 from student.data import TrainData, load_manifest, make_val_loader, open_checked_cache, resolve_plan
 from student.evaluate import evaluate
@@ -43,7 +46,13 @@ def train(cfg: TrainConfig) -> dict:
     manifest = load_manifest(cfg.data.train)
     reader, plan = open_checked_cache(cfg, manifest) if cfg.cache.path else (None, resolve_plan(cfg, None))
     targets_fn, joins_cache = build_targets_fn(cfg, plan, reader, manifest.num_classes, device)
-    data = TrainData(cfg, manifest, plan, reader if joins_cache else None, dist.rank, dist.world_size, log)
+    teacher_size = getattr(targets_fn, "input_size", None)
+    extra_size = teacher_size if teacher_size not in (None, cfg.data.img_size) else None
+    if extra_size:
+        log(f"online teacher at {extra_size} px, student at {cfg.data.img_size} px: the plan is replayed "
+            f"at both sizes (the teacher scores what the caching job would)")
+    data = TrainData(cfg, manifest, plan, reader if joins_cache else None, dist.rank, dist.world_size, log,
+                     extra_size=extra_size)
     num_batches = data.num_batches()
     updates_per_epoch = math.ceil(num_batches / cfg.optim.accum_steps)
 
@@ -105,7 +114,7 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(checkpoint_path(run_dir, state.epoch), model=model, optimizer=optimizer,
                                 scheduler=scheduler, scaler=precision.scaler, ema=ema, epoch=state.epoch,
                                 step=state.step, update=state.update, data={"plan_epoch_next": data.plan_epoch(state.epoch)},
-                                rng=torch.get_rng_state(), config=cfg.to_dict())
+                                rng=rng_state(), config=cfg.to_dict())
             distributed.barrier()
     finally:
         logger.close()
@@ -123,7 +132,7 @@ def _resume(run_dir: Path, model, optimizer, scheduler, ema, scaler, log) -> Loo
     ckpt = load_checkpoint(path)
     restore(ckpt, path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler)
     if "rng" in ckpt:
-        torch.set_rng_state(ckpt["rng"])  # drop path draws from the global RNG
+        set_rng_state(ckpt["rng"])  # drop path draws from the global RNG of its device
     log(f"resume: {path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
     return LoopState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), update=int(ckpt["update"]))
 
@@ -158,10 +167,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m student.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config (configs/student/*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the schedule (images, steps, cache epochs per student epoch, warmup/cosine) "
+                             "from the manifest and cache attrs; build no model, read no image")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks for --dry-run (default: WORLD_SIZE from torchrun, else 1)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.mode=soft run.epochs=3")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
-    return train(load_config(TrainConfig, args.config, overrides))
+    cfg = load_config(TrainConfig, args.config, overrides)
+    if args.dry_run:
+        from student.dryrun import format_report, schedule_report
+
+        report = schedule_report(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        print(format_report(report, args.config or ""))
+        return report
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from pipeline.make_shards import FMNIST_CLASSES, FMNIST_DIR, load_fmnist, main as make_shards_main
 from pipeline.shards import (
     SampleError,
+    shuffled,
     ShardError,
     ShardInfo,
     decode_image,
@@ -44,9 +46,13 @@ def test_imagefolder_round_trip_cli(tmp_path, make_imagefolder):
         assert m.num_samples == n and m.classes == ["cat", "dog", "eel"] and m.num_classes == 3
         assert [s.count for s in m.shards] == [4] * (n // 4) + [n % 4]
         assert [s.first_id for s in m.shards] == [4 * i for i in range(len(m.shards))]
-        files = _source_files(src / split)
+        files = shuffled(_source_files(src / split), 0)   # the default seeded global order
         samples = list(iter_samples(m, verify=True))
         assert [s.sample_id for s in samples] == list(range(n))
+        assert m.order == {"shuffle_seed": 0}
+        for shard in m.shards:
+            got = Counter(s.label for s in samples if s.shard == shard.name)
+            assert dict(shard.class_counts) == dict(got)
         for s, (path, label) in zip(samples, files):
             assert s.data == path.read_bytes(), f"bytes changed for {path}"
             assert s.label == label and s.key == path.stem
@@ -60,9 +66,17 @@ def test_rewrite_is_byte_identical(tmp_path, make_imagefolder):
     args = ["imagefolder", "--train-dir", str(src), "--shard-size", "5"]
     make_shards_main(args + ["--out", str(tmp_path / "a")])
     make_shards_main(args + ["--out", str(tmp_path / "b")])
-    assert load_manifest(tmp_path / "a" / "train").sha256 == load_manifest(tmp_path / "b" / "train").sha256
-    with pytest.raises(FileExistsError):
-        make_shards_main(args + ["--out", str(tmp_path / "a")])
+    first = load_manifest(tmp_path / "a" / "train").sha256
+    assert first == load_manifest(tmp_path / "b" / "train").sha256
+    make_shards_main(args + ["--out", str(tmp_path / "a")])          # same command: the split is kept
+    assert load_manifest(tmp_path / "a" / "train").sha256 == first
+    for other in (["--shard-size", "4"], ["--shuffle-seed", "1"], ["--keep-order"]):
+        with pytest.raises(FileExistsError, match="complete split"):
+            make_shards_main(args + other + ["--out", str(tmp_path / "a")])
+    make_shards_main(args + ["--keep-order", "--overwrite", "--out", str(tmp_path / "a")])
+    m = load_manifest(tmp_path / "a" / "train")
+    assert m.order == {"shuffle_seed": None}
+    assert [s.key for s in iter_samples(m)] == [p.stem for p, _ in _source_files(src)]   # source order
 
 
 def test_tampered_and_truncated_shard(tmp_path, make_imagefolder):
@@ -95,7 +109,7 @@ def test_tampered_and_truncated_shard(tmp_path, make_imagefolder):
 
 def test_wrong_sid_is_reported(tmp_path, make_imagefolder):
     src = make_imagefolder(tmp_path / "src")
-    make_shards_main(["imagefolder", "--train-dir", str(src), "--out", str(tmp_path / "o"), "--shard-size", "5"])
+    make_shards_main(["imagefolder", "--train-dir", str(src), "--out", str(tmp_path / "o"), "--shard-size", "5", "--keep-order"])
     m = load_manifest(tmp_path / "o" / "train")
     shifted = ShardInfo(**{**m.shards[1].__dict__, "first_id": 6})
     with pytest.raises(ShardError, match=r"train-000001.tar key dog_1: sid 5 at position 0"):
@@ -141,7 +155,7 @@ def test_manifest_helpers(rgb_shards):
     with pytest.raises(IndexError):
         m.shard_of(21)
     d = json.loads((rgb_shards / "train" / "manifest.json").read_text())
-    assert d["version"] == 1 and d["skipped"] == [] and d["source"] == "rgb fixture"
+    assert d["version"] == 2 and d["skipped"] == [] and d["source"] == "rgb fixture"
 
 
 def test_fmnist_slice_matches_idx(fmnist_shards):
@@ -150,8 +164,9 @@ def test_fmnist_slice_matches_idx(fmnist_shards):
         verify_manifest(m)
         assert m.num_samples == n and m.classes == FMNIST_CLASSES and m.shard_size == 64
         images, labels = load_fmnist(split, FMNIST_DIR, n)
+        source_index = shuffled(list(range(n)), 0)   # sample_id -> position in the IDX file
         for s in iter_samples(m):
-            i = s.sample_id
+            i = source_index[s.sample_id]
             assert s.key == f"fmnist_{split}_{i:06d}" and s.ext == "png"
             assert s.label == labels[i]
             rgb = np.asarray(decode_image(s))

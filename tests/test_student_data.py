@@ -145,7 +145,7 @@ def test_epochs_cycle_through_cache_logged_once(fmnist_shards, tiny_cache, tmp_p
     assert [data.plan_epoch(e) for e in range(5)] == [0, 1, 0, 1, 0]
     first = next(iter(data.batches(3)))
     assert (first["epoch"] == 1).all()   # training epoch 3 replays cached epoch 1
-    assert len([n for n in notes if "cycling" in n]) == 1
+    assert len([n for n in notes if "read again" in n]) == 1
 
 
 def test_other_resolution_replays_same_rows(fmnist_shards, tiny_cache, tmp_path):

@@ -2,7 +2,8 @@
 
 * cached hard == online hard, step by step (Mixup/CutMix on), and cached soft ~ online soft;
 * resume: 2 epochs == 1 epoch + resume 1 (weights, EMA, optimizer, scheduler);
-* DDP under torchrun with 2 gloo processes matches one process;
+* DDP under torchrun with 2 gloo processes reads the single process's rows, takes the same steps
+  and reduces its metrics (the loss trajectory itself differs: other images per global batch);
 * one cache serves other architectures, another tau and another resolution;
 * a student waits for epochs the caching job has not finished yet;
 * a short real run learns.
@@ -91,11 +92,35 @@ def test_resume_is_exact(fmnist_shards, cache, tmp_path):
     assert step_losses(tmp_path / "full") == step_losses(tmp_path / "split")
 
 
-def test_ddp_two_processes_match_single(fmnist_shards, cache, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo): same steps on both ranks, reduced metrics == 1 process."""
-    opts = ["data.batch_size=32", "optim.lr=1.0e-6", "optim.min_lr=1.0e-6", "run.eval_every=1"]
+def test_ddp_reads_the_same_rows_and_reduces_metrics(fmnist_shards, cache, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) at a real learning rate.
+
+    What DDP keeps from a single process, and what it does not: every epoch the two ranks read
+    exactly the single process's rows (each its own block), take the same number of steps, and
+    report metrics reduced over both. A global batch holds other images than the single
+    process's batch, so the loss trajectories are not equal step by step (that is not claimed).
+    """
+    from pipeline.shards import load_manifest as manifest_of
+    from student.data import TrainData, open_checked_cache
+    from student.evaluate import evaluate
+    from student.data import make_val_loader
+    from student.models import build_student
+
+    opts = ["data.batch_size=32", "optim.lr=1.0e-3", "run.epochs=2", "run.eval_every=1"]
     single = student_config(fmnist_shards, cache, tmp_path / "single", *opts)
-    train(single)
+    manifest = manifest_of(single.data.train)
+    reader, plan = open_checked_cache(single, manifest)
+
+    def rows(rank: int, world: int, epoch: int) -> list[tuple[int, int, int]]:
+        data = TrainData(single, manifest, plan, reader, rank, world, log=lambda *_: None)
+        return [(int(e), int(s), int(v)) for b in data.loader(epoch) for e, s, v in
+                zip(b["epoch"], b["sample_id"], b["view"])]
+
+    for epoch in (0, 1):
+        one, r0, r1 = rows(0, 1, epoch), rows(0, 2, epoch), rows(1, 2, epoch)
+        assert len(one) == len(r0) + len(r1) == 256 and abs(len(r0) - len(r1)) <= 1
+        assert sorted(one) == sorted(r0 + r1) and not set(r0) & set(r1)
+
     cfg_path = tmp_path / "ddp.yaml"
     single.replace(run=single.run.replace(out=str(tmp_path / "ddp"))).save(cfg_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -103,14 +128,19 @@ def test_ddp_two_processes_match_single(fmnist_shards, cache, tmp_path):
            "-m", "student.train", "--config", str(cfg_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a = _epoch_row(tmp_path / "single")
-    b = _epoch_row(tmp_path / "ddp")
-    assert float(a["train_images"]) == float(b["train_images"]) == 256
-    # lr ~ 0: every sample sees the same weights, so the reduced mean loss matches closely.
-    assert abs(float(a["train_loss"]) - float(b["train_loss"])) < 1e-3
-    assert abs(float(a["val_top1_fused"]) - float(b["val_top1_fused"])) < 1e-6
-    # Only rank 0 writes: one row per step, as in the single-process run.
-    assert len(step_losses(tmp_path / "ddp")) == 256 // 32
+    train(single)
+    for run in ("single", "ddp"):
+        epochs = _epoch_rows(tmp_path / run)
+        assert [float(r["train_images"]) for r in epochs] == [256.0, 256.0]   # reduced over ranks
+    # the same number of steps: 2 epochs x 256 / 32 (only rank 0 writes step rows)
+    assert len(step_losses(tmp_path / "ddp")) == len(step_losses(tmp_path / "single")) == 2 * 256 // 32
+    # val metrics are reduced over the ranks' disjoint halves: re-evaluating the DDP checkpoint
+    # in one process over the whole val split gives the very same figure
+    ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoint-000002.pt")
+    model = build_student(single.model.name, 10, single.data.img_size, 0.0, single.model.model_kwargs)
+    model.load_state_dict(ckpt["model"])
+    whole = evaluate(model, make_val_loader(single, plan.aug), "cpu")
+    assert abs(whole["top1_fused"] - float(_epoch_rows(tmp_path / "ddp")[-1]["val_top1_fused"])) < 1e-6
 
 
 def _free_port() -> int:
@@ -121,9 +151,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _epoch_row(run_dir: Path) -> dict:
+def _epoch_rows(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("train_images")][-1]
+        return [r for r in csv.DictReader(f) if r.get("train_images")]
 
 
 @pytest.mark.parametrize("overrides", [

@@ -1,0 +1,103 @@
+"""Image bytes -> 8-bit RGB PIL image: the one decode rule for the caching job and the student.
+
+Both sides must see the same pixels, so decoding is part of the augmentation plan (its
+fingerprint covers :func:`canonical_decodes`). What it does beyond ``Image.open(...).convert("RGB")``,
+which silently gets these wrong:
+
+* **EXIF orientation** is applied (``exif_transpose=True``, the default; a phone photo tagged
+  "rotate 90°" comes out upright). Switch it off to reproduce loaders that ignore EXIF.
+* **16-bit** images (``I;16*``, ``I``) are scaled to 8 bits (``round(v / 257)``); Pillow's
+  ``convert("RGB")`` clips them, so a 16-bit PNG would decode to nearly all white.
+* **Alpha** (``RGBA``, ``LA``, ``PA``, palette with transparency) is composited over white, the
+  usual background of cut-out product photos, instead of exposing whatever colour the
+  transparent pixels happen to hold.
+* **CMYK** (incl. Adobe's inverted CMYK JPEGs), palette, grayscale, ``YCbCr`` and ``LAB`` images
+  are converted to RGB by Pillow.
+
+Modes with no defined 8-bit meaning (float ``F``) are refused with :class:`DecodeError`.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+_BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class DecodeError(ValueError):
+    """The bytes are not a decodable image, or its pixel format has no 8-bit RGB meaning."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB version of a loaded PIL image (see the module docstring for the rules)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT:
+        values = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        gray = ((values + 128) // 257).astype(np.uint8)  # round(v / 257): 65535 -> 255
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        raise DecodeError("float ('F') images have no defined 8-bit range")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info) \
+            or (mode in ("L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode(data: bytes, exif_transpose: bool = True) -> Image.Image:
+    """Decode encoded image bytes fully into an 8-bit RGB PIL image.
+
+    Args:
+        data: the encoded file (JPEG, PNG, WebP, TIFF, ...).
+        exif_transpose: apply the EXIF orientation tag.
+
+    Raises:
+        DecodeError: unreadable bytes or an unsupported pixel format (the caller names the sample).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except DecodeError:
+        raise
+    except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
+        raise DecodeError(f"{type(exn).__name__}: {exn}") from exn
+
+
+# --------------------------------------------------------------------------- fingerprint inputs
+
+def _canonical_sources() -> list[bytes]:
+    """Small encoded images, built with integer arithmetic, one per decoding rule above."""
+    y, x = np.mgrid[0:12, 0:16]
+    rgb = np.stack([x * 15, y * 20, (x + y) * 9], axis=-1).astype(np.uint8)
+    out = []
+
+    def save(image: Image.Image, fmt: str, **kw) -> None:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        out.append(buf.getvalue())
+
+    base = Image.fromarray(rgb, "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    save(base, "JPEG", quality=90, exif=exif.tobytes())
+    save(Image.fromarray((x * 4000 + y * 300).astype(np.uint16)), "PNG")   # 16-bit gray
+    rgba = np.concatenate([rgb, ((x * 16) % 256).astype(np.uint8)[..., None]], axis=-1)
+    save(Image.fromarray(rgba, "RGBA"), "PNG")
+    save(base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG", transparency=3)
+    save(base.convert("CMYK"), "JPEG", quality=90)
+    return out
+
+
+def canonical_decodes(exif_transpose: bool = True) -> list[np.ndarray]:
+    """Decoded pixels of :func:`_canonical_sources` (the plan fingerprint hashes them)."""
+    return [np.asarray(decode(data, exif_transpose)) for data in _canonical_sources()]

@@ -1,0 +1,103 @@
+"""``python -m student.train --config ... --dry-run``: the run's schedule, without training.
+
+Reads the manifest and the cache attrs only (no model is built, no image is read, no GPU is
+needed) and prints what the run will do: images per student epoch, steps and updates per epoch,
+total images, which cache epoch and part (or view) each student epoch reads, and the warmup and
+cosine schedule in optimizer updates. It also checks that over the run every cached row is read
+exactly once per pass over the cache.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+from pipeline.shards import load_manifest
+from student.config import TrainConfig
+from student.data import make_schedule, open_checked_cache, resolve_plan
+from student.optim import build_optimizer, build_scheduler, scaled_lr
+
+
+def schedule_report(cfg: TrainConfig, world_size: int = 1) -> dict:
+    """The schedule of ``cfg`` on ``world_size`` ranks as a dict (see :func:`format_report`)."""
+    manifest = load_manifest(cfg.data.train)
+    plan = open_checked_cache(cfg, manifest)[1] if cfg.cache.path else resolve_plan(cfg, None)
+    schedule = make_schedule(cfg, manifest, plan)
+    if cfg.data.batch_size % world_size:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {world_size} ranks")
+    per_rank = cfg.data.batch_size // world_size
+    epochs = cfg.run.epochs
+    sources = [schedule.source(t) for t in range(epochs)]
+    rows = [schedule.rows(t) for t in range(epochs)]
+    steps = schedule.steps(0, per_rank, world_size)
+    if cfg.data.max_batches is not None:
+        steps = min(steps, cfg.data.max_batches)
+    o = cfg.optim
+    updates = math.ceil(steps / o.accum_steps)
+    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.data.batch_size, o.accum_steps)
+    lrs = _lr_points(cfg, lr, updates)
+    # Each (cache epoch, part|view) slot holds a disjoint set of rows (the cut partitions every
+    # cache epoch), so "every row once per pass" = every slot once per cycle of E x V epochs.
+    slots = Counter((s.cycle, s.cache_epoch, s.part if s.part is not None else s.view) for s in sources)
+    per_cycle = schedule.cached_epochs * schedule.views
+    complete = epochs // per_cycle
+    return {
+        "images_per_epoch": rows[0], "rows_per_epoch": rows, "num_samples": manifest.num_samples,
+        "num_shards": len(manifest.shards), "num_classes": manifest.num_classes,
+        "cached_epochs": plan.cached_epochs, "views": plan.views, "sampler": schedule.sampler,
+        "world_size": world_size, "batch_per_rank": per_rank, "global_batch": cfg.data.batch_size,
+        "steps_per_epoch": steps, "updates_per_epoch": updates, "epochs": epochs,
+        "total_steps": steps * epochs, "total_updates": updates * epochs, "total_images": sum(rows),
+        "lr": lr, "warmup_updates": o.warmup_epochs * updates, "lr_points": lrs,
+        "sources": [(s.epoch, s.cache_epoch, s.part, s.view, s.cycle) for s in sources],
+        "each_row_once_per_pass": all(c == 1 for c in slots.values())
+        and all(rows[t] == manifest.num_samples for t in range(epochs)),
+        "complete_passes": complete, "epochs_per_pass": per_cycle,
+    }
+
+
+def _lr_points(cfg: TrainConfig, lr: float, updates_per_epoch: int) -> list[tuple[int, float]]:
+    """(update, lr) at the schedule's landmarks, from the real timm scheduler on a dummy parameter."""
+    o = cfg.optim
+    opt = build_optimizer(torch.nn.Linear(1, 1), o.opt, lr, o.weight_decay)
+    sched = build_scheduler(opt, cfg.run.epochs, updates_per_epoch, o.warmup_epochs, o.min_lr, o.warmup_lr, o.sched)
+    total = cfg.run.epochs * updates_per_epoch
+    marks = sorted({0, o.warmup_epochs * updates_per_epoch, total // 2, total - 1})
+    out = []
+    for t in marks:
+        sched.step_update(num_updates=t)
+        out.append((t, opt.param_groups[0]["lr"]))
+    return out
+
+
+def format_report(r: dict, config_name: str = "") -> str:
+    """Human-readable lines of :func:`schedule_report`."""
+    n = r["num_samples"]
+    per_view = f"N/{r['views']} samples x {r['views']} views" if r["sampler"] == "ra" else "one view of every sample"
+    lines = [
+        f"schedule{' of ' + config_name if config_name else ''} (dry run: no model built, no image read)",
+        f"  data: {n:,} images in {r['num_shards']:,} shards, {r['num_classes']} classes",
+        f"  cache: {r['cached_epochs']} epochs x {r['views']} views" if r["cached_epochs"] else
+        f"  no cache: plan epochs follow student epochs ({r['views']} view(s))",
+        f"  sampler {r['sampler']}: a student epoch = {r['images_per_epoch']:,} rows ({per_view}); "
+        f"{r['views']} student epochs per cache epoch",
+        f"  ranks: {r['world_size']} x {r['batch_per_rank']} rows per batch (global {r['global_batch']}): "
+        f"{r['steps_per_epoch']:,} steps, {r['updates_per_epoch']:,} optimizer updates per epoch",
+        f"  run: {r['epochs']} epochs = {r['total_steps']:,} steps = {r['total_images']:,} images "
+        f"({r['epochs']} x {r['images_per_epoch']:,})",
+        f"  lr: peak {r['lr']:.3g}; warmup {r['warmup_updates']:,} updates; "
+        + ", ".join(f"update {t:,}: {v:.3g}" for t, v in r["lr_points"]),
+        f"  rows: {'every cached row read exactly once per pass' if r['each_row_once_per_pass'] else 'NOT every row once'}"
+        f" ({r['epochs_per_pass']} student epochs per pass; {r['complete_passes']} complete pass(es) in this run)",
+    ]
+    src = r["sources"]
+    shown = src if len(src) <= 9 else src[:6] + [None] + src[-3:]
+    for s in shown:
+        if s is None:
+            lines.append("  ...")
+            continue
+        epoch, cache_epoch, part, view, cycle = s
+        what = f"part {part} (all views)" if part is not None else f"view {view}"
+        lines.append(f"  epoch {epoch}: cache epoch {cache_epoch} {what}" + (f" (pass {cycle + 1})" if cycle else ""))
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""``student.train --dry-run``: DeiT's schedule on an ImageNet-sized manifest, without a model or an image."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cache import CacheJobConfig, cache_attrs, open_writer
+from pipeline.config import load_config
+from pipeline.shards import ShardInfo, load_manifest, manifest_dict
+from student.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGENET_TRAIN = 1_281_167
+
+
+def imagenet_sized_split(root: Path) -> Path:
+    """A manifest of ImageNet-1k's train split (1282 shards of 1000, the last 167); no tar files."""
+    split = root / "train"
+    split.mkdir(parents=True)
+    counts = [1000] * 1281 + [IMAGENET_TRAIN - 1281 * 1000]
+    shards = [ShardInfo(f"train-{i:06d}.tar", i, 1000 * i, c, 100_000_000, "0" * 64) for i, c in enumerate(counts)]
+    classes = [f"n{i:08d}" for i in range(1000)]
+    (split / "manifest.json").write_text(json.dumps(manifest_dict("train", classes, 1000, shards, [], "test", {})))
+    return split
+
+
+def test_imagenet_config_dry_run(tmp_path, monkeypatch, capsys):
+    split = imagenet_sized_split(tmp_path / "imagenet-wds")
+    cache = tmp_path / "cache.zarr"
+    # the (empty) cache the caching job creates when it starts: 100 epochs x 3 views, k=10
+    job = load_config(CacheJobConfig, REPO / "configs/cache/imagenet_regnety160.yaml",
+                      [f"shards={split}", f"out={cache}", "teacher.checkpoint=null"])
+    manifest = load_manifest(split)
+    open_writer(job, manifest, cache_attrs(job, manifest))
+
+    import student.models
+
+    def no_model(*a, **k):
+        raise AssertionError("the dry run must not build a model")
+
+    monkeypatch.setattr(student.models, "build_student", no_model)
+    report = main(["--config", str(REPO / "configs/student/deit_s_imagenet_hard.yaml"), "--dry-run",
+                   "--world-size", "8", f"data.train={split}", f"cache.path={cache}", "data.val=null"])
+    assert report["epochs"] == 300 and report["images_per_epoch"] == IMAGENET_TRAIN
+    assert report["rows_per_epoch"] == [IMAGENET_TRAIN] * 300
+    assert report["total_images"] == 300 * IMAGENET_TRAIN
+    assert (report["cached_epochs"], report["views"], report["sampler"]) == (100, 3, "ra")
+    # 8 ranks x 128: each rank holds 160,145 or 160,146 rows per epoch -> 1252 steps
+    assert report["batch_per_rank"] == 128 and report["steps_per_epoch"] == report["updates_per_epoch"] == 1252
+    assert report["warmup_updates"] == 5 * 1252 and report["total_updates"] == 300 * 1252
+    lr = dict(report["lr_points"])
+    assert lr[0] == pytest.approx(1e-6) and lr[5 * 1252] == pytest.approx(1e-3, rel=1e-3)
+    assert lr[300 * 1252 - 1] == pytest.approx(1e-5, rel=1e-2)
+    # 300 student epochs = 100 cache epochs x 3 parts: every cached row read exactly once
+    assert report["each_row_once_per_pass"] and report["complete_passes"] == 1 and report["epochs_per_pass"] == 300
+    assert sorted((e, p) for _, e, p, _, _ in report["sources"]) == [(e, p) for e in range(100) for p in range(3)]
+    out = capsys.readouterr().out
+    assert "1,281,167" in out and "300 epochs" in out and "every cached row read exactly once" in out
+
+
+def test_dry_run_shows_the_cycle_when_training_longer_than_the_cache(tmp_path):
+    split = imagenet_sized_split(tmp_path / "d")
+    cache = tmp_path / "c.zarr"
+    job = load_config(CacheJobConfig, REPO / "configs/cache/imagenet_regnety160.yaml",
+                      [f"shards={split}", f"out={cache}", "teacher.checkpoint=null", "epochs=2"])
+    manifest = load_manifest(split)
+    open_writer(job, manifest, cache_attrs(job, manifest))
+    report = main(["--config", str(REPO / "configs/student/deit_s_imagenet_hard.yaml"), "--dry-run",
+                   f"data.train={split}", f"cache.path={cache}", "data.val=null", "run.epochs=9",
+                   "data.sampler=one_view"])
+    assert [s[1:4] for s in report["sources"][:7]] == [(0, None, 0), (0, None, 1), (0, None, 2), (1, None, 0),
+                                                     (1, None, 1), (1, None, 2), (0, None, 0)]
+    assert report["complete_passes"] == 1 and report["each_row_once_per_pass"]
