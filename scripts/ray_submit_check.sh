@@ -5,8 +5,9 @@
 # Usage (as root, from anywhere): bash scripts/ray_submit_check.sh   (~1-2 min on 2 cores)
 # Exit 0 = pass, 1 = fail, 77 = sshd cannot be installed/started here (the test skips on 77).
 # Side effects (idempotent): installs openssh-server/rsync if missing, starts sshd, creates
-# ~/.ssh/kdcache_ray(.pub) + authorized_keys entry, and a marked block in ~/.bashrc that
-# activates the project venv (Ray runs remote commands through `bash --login -i`).
+# ~/.ssh/kdcache_ray(.pub) + authorized_keys entry, and, while it runs, a marked block in
+# ~/.bashrc that activates the project venv (Ray runs remote commands through `bash --login -i`;
+# the block is removed again on exit). The test suite runs it only with KDCACHE_CLUSTER_CHECK=1.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${KDCACHE_VENV:-$root/.venv}
@@ -18,6 +19,7 @@ log() { echo "[ray_submit_check] $*" >&2; }
 skip() { log "SKIP: $*"; exit 77; }
 
 # ---------------------------------------------------------------- sshd on 127.0.0.1
+export KDCACHE_SSHD_PIDFILE="$work/sshd.pid"   # set only if this check has to start sshd
 bash "$root/scripts/sshd_setup.sh" || skip "sshd could not be installed/started (see above)"
 key=$HOME/.ssh/kdcache_ray
 
@@ -26,6 +28,13 @@ marker_begin="# >>> kdcache ray cluster >>>"
 marker_end="# <<< kdcache ray cluster <<<"
 touch "$HOME/.bashrc"
 sed -i "/$marker_begin/,/$marker_end/d" "$HOME/.bashrc"
+unmark_bashrc() {
+  sed -i "/$marker_begin/,/$marker_end/d" "$HOME/.bashrc"
+  # stop the sshd this check started (if it found one running, it leaves it alone)
+  [ -f "$KDCACHE_SSHD_PIDFILE" ] && kill "$(cat "$KDCACHE_SSHD_PIDFILE")" 2>/dev/null && rm -f "$KDCACHE_SSHD_PIDFILE"
+  return 0
+}
+trap unmark_bashrc EXIT
 cat >> "$HOME/.bashrc" <<RC
 $marker_begin
 export RAY_AUTH_MODE=disabled
@@ -57,6 +66,7 @@ before=$(ray_pids)
 status=1
 cleanup() {
   ray down -y "$work/cluster.yaml" >"$work/down.log" 2>&1 || { log "ray down failed:"; cat "$work/down.log" >&2; }
+  unmark_bashrc
 }
 trap cleanup EXIT
 
@@ -80,7 +90,7 @@ todo = [(e, s) for e in range(cfg.epochs) for s in range(len(m.shards)) if not r
 assert not todo, f"items not done after ray submit: {todo}"
 print(f"[ray_submit_check] cache {cfg.out}: {cfg.epochs} epochs x {len(m.shards)} shards done")
 PY
-trap - EXIT
+trap unmark_bashrc EXIT
 log "ray down"
 cleanup
 left=""

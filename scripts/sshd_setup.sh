@@ -2,6 +2,8 @@
 # Make `ssh -i ~/.ssh/kdcache_ray root@127.0.0.1` work (for the Ray cluster launcher's local
 # provider): install openssh-server + rsync if missing, generate the key, authorize it, start sshd.
 # Idempotent; needs root (or passwordless sudo). Exit 1 if sshd cannot be made to work.
+# When it has to start sshd and KDCACHE_SSHD_PIDFILE is set, the daemon's pid goes there (so the
+# caller can stop it again).
 set -euo pipefail
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
 key=$HOME/.ssh/kdcache_ray
@@ -18,7 +20,9 @@ try() { ssh -i "$key" -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownH
 if ! try; then
   $SUDO mkdir -p /run/sshd
   [ -f /etc/ssh/ssh_host_ed25519_key ] || $SUDO ssh-keygen -A
+  pidfile=${KDCACHE_SSHD_PIDFILE:-/run/sshd.pid}
   $SUDO /usr/sbin/sshd -o ListenAddress=127.0.0.1 -o PermitRootLogin=prohibit-password -o PubkeyAuthentication=yes \
+    -o PidFile="$pidfile" \
     || { echo "sshd_setup: could not start sshd" >&2; exit 1; }
   for _ in 1 2 3 4 5; do try && break; sleep 1; done
 fi

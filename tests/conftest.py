@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hygiene import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (hooks: no side effects)
+
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -67,3 +69,15 @@ def rgb_shards(tmp_path_factory) -> Path:
     classes, files = scan_imagefolder(src)
     write_shards(imagefolder_samples(src, files), base / "shards", "train", classes, 8, source="rgb fixture")
     return base / "shards"
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests skip cleanly, saying why, where CUDA is absent."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

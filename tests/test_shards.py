@@ -172,3 +172,49 @@ def test_fmnist_slice_matches_idx(fmnist_shards):
             rgb = np.asarray(decode_image(s))
             assert rgb.shape == (28, 28, 3)
             assert (rgb == images[i][..., None]).all(), f"pixels differ for {s.key}"
+
+
+def test_killed_make_shards_leaves_no_half_written_split(tmp_path, make_imagefolder):
+    """SIGKILL mid-run: no split folder appears; the re-run removes the partial one and completes,
+    byte-identical to an uninterrupted run."""
+    import signal
+    import time
+
+    make_imagefolder(tmp_path / "src" / "train", per_class=300)   # ~110 shards: seconds of work
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.make_shards", "imagefolder", "--root", str(tmp_path / "src"),
+           "--out", str(out), "--shard-size", "8", "--keep-order"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".train.partial-*/train-000006.tar")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(out.glob(".train.partial-*/train-000006.tar")), "make_shards did not get going"
+        assert proc.poll() is None, "make_shards finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert not (out / "train").exists()               # nothing half-written under the real name
+    assert list(out.glob(".train.partial-*"))         # (the killed run's partial folder)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not list(out.glob(".train.partial-*"))     # the killed run's leftovers are gone
+    clean = tmp_path / "clean"
+    make_shards_main(["imagefolder", "--root", str(tmp_path / "src"), "--out", str(clean), "--shard-size", "8",
+                      "--keep-order"])
+    assert load_manifest(out / "train").sha256 == load_manifest(clean / "train").sha256
+    verify_manifest(load_manifest(out / "train"))
+
+
+def test_failed_split_leaves_nothing_and_rerun_completes(tmp_path, make_imagefolder):
+    src = make_imagefolder(tmp_path / "src" / "train")
+    (src / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "out"
+    args = ["imagefolder", "--root", str(tmp_path / "src"), "--out", str(out), "--shard-size", "5"]
+    with pytest.raises(SampleError, match="broken.jpg"):
+        make_shards_main(args)
+    assert not (out / "train").exists() and not list(out.glob(".train.partial-*"))
+    (src / "dog" / "broken.jpg").unlink()
+    make_shards_main(args)                            # "already holds shards" no longer blocks the re-run
+    assert load_manifest(out / "train").num_samples == 12

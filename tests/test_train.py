@@ -56,6 +56,17 @@ def test_cached_hard_equals_online_hard(fmnist_shards, cache, tmp_path):
     torch.testing.assert_close(torch.tensor(d1), torch.tensor(d2), rtol=1e-5, atol=1e-5)
 
 
+def test_online_teacher_at_another_size_scores_its_own_replay(fmnist_shards, cache, tmp_path):
+    """A 35 px student with the 28 px teacher online: the loader replays the plan at 28 px for the
+    teacher (as the caching job did), so online hard targets equal the cached ones step by step."""
+    common = ("data.batch_size=16", "loss.mode=hard", "data.img_size=35", "data.max_batches=8")
+    train(student_config(fmnist_shards, cache, tmp_path / "cached", *common))
+    train(student_config(fmnist_shards, cache, tmp_path / "online", *common, "teacher.mode=online"))
+    d1, d2 = step_losses(tmp_path / "cached", "train_distill"), step_losses(tmp_path / "online", "train_distill")
+    assert len(d1) == 8
+    torch.testing.assert_close(torch.tensor(d1), torch.tensor(d2), rtol=1e-5, atol=1e-5)
+
+
 # The cache stores top-k probabilities on a 1/255 grid (|dp| <= 1/510 per class, storage/encoding.py),
 # so each rebuilt soft target moves by well under 1%; the KL term (alpha=0.5, DeiT's /(B*C)
 # normalisation) is ~2e-4 here, so a step moves by ~1e-5 and 32 steps of drift stay far below 5e-4.
@@ -73,8 +84,20 @@ def test_cached_soft_close_to_online_soft(fmnist_shards, cache, tmp_path):
 
 def test_resume_is_exact(fmnist_shards, cache, tmp_path):
     """2 epochs in one go == 1 epoch + --resume for the 2nd (drop path + EMA on)."""
+    _check_exact_resume(fmnist_shards, cache, tmp_path, "cpu")
+
+
+@pytest.mark.gpu
+def test_resume_is_exact_on_gpu(fmnist_shards, cache, tmp_path):
+    """The same on CUDA: drop path draws from the GPU's RNG, which the checkpoint must hold."""
+    ckpt = _check_exact_resume(fmnist_shards, cache, tmp_path, "cuda")
+    assert len(ckpt["rng"]["cuda"]) == torch.cuda.device_count()
+
+
+def _check_exact_resume(fmnist_shards, cache, tmp_path, device: str) -> dict:
     opts = ("run.epochs=2", "optim.ema=true", "optim.ema_decay=0.9", "model.drop_path_rate=0.1",
-            "optim.warmup_epochs=1", "data.max_batches=6", "run.eval_every=0", "data.val=null")
+            "optim.warmup_epochs=1", "data.max_batches=6", "run.eval_every=0", "data.val=null",
+            f"run.device={device}")
     train(student_config(fmnist_shards, cache, tmp_path / "full", *opts))
     half = student_config(fmnist_shards, cache, tmp_path / "split", *opts)
     half.save(tmp_path / "split.yaml")
@@ -90,6 +113,8 @@ def test_resume_is_exact(fmnist_shards, cache, tmp_path):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert step_losses(tmp_path / "full") == step_losses(tmp_path / "split")
+    assert set(a["rng"]) == ({"cpu", "cuda"} if device == "cuda" else {"cpu"})
+    return a
 
 
 def test_ddp_reads_the_same_rows_and_reduces_metrics(fmnist_shards, cache, tmp_path):

@@ -1,0 +1,80 @@
+"""A pytest plugin that fails the run when the tests change the machine outside the clone.
+
+The README's test command must leave the machine as it found it: no edits to ``~/.bashrc`` or
+``~/.ssh``, no daemon left running. At session start this takes a snapshot of those files and
+marks the session's environment (``KDCACHE_TEST_SESSION``, inherited by every process the tests
+start, Ray workers and sshd included); at the end it compares the files and looks for processes
+that still carry the mark. The sshd-based ``ray up/submit/down`` check changes ``~/.ssh`` by
+design: it runs only with ``KDCACHE_CLUSTER_CHECK=1`` (CI sets it), and then the file check is off.
+
+conftest.py imports the two hooks; ``python -m pytest -p hygiene`` loads it anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from pathlib import Path
+
+MARK = "KDCACHE_TEST_SESSION"
+OPT_IN = "KDCACHE_CLUSTER_CHECK"
+
+
+def _home_files() -> dict[str, str]:
+    """sha256 of ~/.bashrc and of every file under ~/.ssh (absent files map to '-')."""
+    home = Path(os.path.expanduser("~"))
+    paths = [home / ".bashrc"] + (sorted(p for p in (home / ".ssh").rglob("*") if p.is_file())
+                                  if (home / ".ssh").is_dir() else [])
+    out = {}
+    for p in paths:
+        try:
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+        except OSError:
+            out[str(p)] = "-"
+    return out
+
+
+def marked_processes(mark: str) -> list[str]:
+    """'pid cmdline' of live processes (not this one) whose environment carries ``MARK=mark``."""
+    needle = f"{MARK}={mark}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                continue  # exited, waiting to be reaped: not running
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        found.append(f"{proc.name} {cmd[:160]}")
+    return found
+
+
+def pytest_sessionstart(session) -> None:
+    session.config._kdcache_hygiene = (_home_files(), os.environ.setdefault(MARK, uuid.uuid4().hex))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    state = getattr(session.config, "_kdcache_hygiene", None)
+    if state is None:
+        return
+    before, mark = state
+    problems = []
+    if os.environ.get(OPT_IN) != "1":
+        after = _home_files()
+        problems += [f"changed {p}" for p in sorted(set(before) | set(after)) if before.get(p) != after.get(p)]
+    left: list[str] = []
+    for _ in range(20):  # processes being shut down (Ray, DataLoader workers) get a few seconds
+        left = marked_processes(mark)
+        if not left:
+            break
+        time.sleep(0.5)
+    problems += [f"process left running: {p}" for p in left]
+    if problems:
+        print("\nhygiene: the tests changed the machine outside the clone:\n  " + "\n  ".join(problems))
+        session.exitstatus = 1
