@@ -116,9 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", default=None, help="also write the report as JSON to this file")
     args = p.parse_args(argv)
     report = audit(args.cache, args.samples, checkpoint=args.checkpoint, shards=args.shards,
                    seed=args.seed, device=args.device)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

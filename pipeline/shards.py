@@ -33,7 +33,6 @@ import shutil
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -539,6 +538,16 @@ class ClassMix:
         return self.distinct / self.distinct_random if self.distinct_random else 1.0
 
 
+def expected_distinct(class_totals: Sequence[int], draws: int) -> float:
+    """Mean number of distinct classes in ``draws`` samples taken uniformly without replacement
+    from a population with ``class_totals`` samples per class: sum_c 1 - C(n - n_c, d) / C(n, d)."""
+    n = sum(class_totals)
+    base = math.lgamma(n + 1) - math.lgamma(n - draws + 1)
+    return sum(1.0 if n - nc < draws else
+               1.0 - math.exp(math.lgamma(n - nc + 1) - math.lgamma(n - nc - draws + 1) - base)
+               for nc in class_totals)
+
+
 def class_mix(m: Manifest) -> ClassMix | None:
     """:class:`ClassMix` from the manifest's per-shard class counts (None if it has none)."""
     if any(s.class_counts is None for s in m.shards) or m.num_samples < 2:
@@ -548,17 +557,9 @@ def class_mix(m: Manifest) -> ClassMix | None:
         for label, c in s.class_counts:
             totals[label] += c
     n = m.num_samples
-
-    @lru_cache(maxsize=None)
-    def expected_distinct(size: int) -> float:
-        # E[#classes in `size` draws without replacement] = sum_c 1 - C(n - n_c, size) / C(n, size)
-        base = math.lgamma(n + 1) - math.lgamma(n - size + 1)
-        return sum(1.0 if n - nc < size else
-                   1.0 - math.exp(math.lgamma(n - nc + 1) - math.lgamma(n - nc - size + 1) - base)
-                   for nc in totals.values())
-
+    sizes = {s.count: expected_distinct(list(totals.values()), s.count) for s in m.shards}
     distinct = [len(s.class_counts) for s in m.shards]
-    expected = [expected_distinct(s.count) for s in m.shards]
+    expected = [sizes[s.count] for s in m.shards]
     pairs = [(sum(c * (c - 1) for _, c in s.class_counts), s.count * (s.count - 1)) for s in m.shards]
     random_pair = sum(c * (c - 1) for c in totals.values()) / (n * (n - 1))
     worst = sorted(range(len(m.shards)), key=lambda i: distinct[i] / expected[i])[:3]

@@ -11,18 +11,11 @@ from pipeline.loader import LoaderConfig, ReplayLoader
 from pipeline.make_shards import main as make_shards_main
 from pipeline.plan import AugConfig
 from pipeline.schedule import Schedule
+from pipeline import shards
 from pipeline.shards import class_mix, class_mix_warning, iter_samples, load_manifest
 
 C, PER_CLASS, SHARD, BATCH, VIEWS = 20, 12, 32, 16, 3
 AUG = AugConfig(auto_augment=None, re_prob=0.0)   # mixing on; cheap pixels
-
-
-def expected_distinct(counts: Counter, batch: int) -> float:
-    """Mean distinct classes in ``batch`` samples drawn uniformly without replacement."""
-    n = sum(counts.values())
-    base = math.lgamma(n + 1) - math.lgamma(n - batch + 1)
-    return sum(1 - math.exp(math.lgamma(n - k + 1) - math.lgamma(n - k - batch + 1) - base)
-               for k in counts.values())
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +38,21 @@ def make_imagefolder_module():
     return build_imagefolder
 
 
-def batch_stats(split, num_workers: int, rank: int = 0, world_size: int = 1) -> tuple[float, int]:
-    """(mean distinct classes per batch, batches) over one pass of the cache (V student epochs)."""
+def batch_stats(split, num_workers: int, rank: int = 0, world_size: int = 1) -> tuple[float, float, int]:
+    """(mean distinct classes per batch, the same for uniformly random batches of the rows each
+    epoch reads, batches) over one pass of the cache (V student epochs, ra sampler)."""
     m = load_manifest(split)
+    label = {s.sample_id: s.label for s in iter_samples(m)}
     sched = Schedule(m.shards, VIEWS, 1, seed=0, sampler="ra")
-    distinct = []
+    distinct, uniform = [], []
     for t in range(VIEWS):
+        units = sched.rank_units(t, rank, world_size)
         cfg = LoaderConfig(batch_size=BATCH, out_size=16, num_workers=num_workers, drop_last=True)
-        for b in ReplayLoader(m, AUG, 0, sched.rank_units(t, rank, world_size), cfg, order_seed=(0, t, rank)):
+        for b in ReplayLoader(m, AUG, 0, units, cfg, order_seed=(0, t, rank)):
             distinct.append(len(set(b["label"].tolist())))
-    return sum(distinct) / len(distinct), len(distinct)
+        rows = Counter(label[a] for u in units for a, _ in u.pairs(0, m.shards[u.shard]))
+        uniform.append(shards.expected_distinct(list(rows.values()), BATCH))
+    return sum(distinct) / len(distinct), sum(uniform) / len(uniform), len(distinct)
 
 
 def same_class_pair_rate(split) -> tuple[float, int]:
@@ -75,17 +73,13 @@ def test_make_shards_shuffles_a_class_sorted_tree(sorted_tree):
 
 @pytest.mark.parametrize("num_workers", [1, 2, 3])
 def test_batches_class_mixed_like_uniform_sampling(sorted_tree, num_workers):
-    totals = Counter(s.label for s in iter_samples(load_manifest(sorted_tree["shuffled"])))
-    uniform = expected_distinct(totals, BATCH)
-    got, n = batch_stats(sorted_tree["shuffled"], num_workers)
+    got, uniform, n = batch_stats(sorted_tree["shuffled"], num_workers)
     assert n >= 40 and got >= 0.9 * uniform, (got, uniform)
 
 
 def test_batches_class_mixed_on_two_ranks(sorted_tree):
-    totals = Counter(s.label for s in iter_samples(load_manifest(sorted_tree["shuffled"])))
-    uniform = expected_distinct(totals, BATCH)
     for rank in (0, 1):
-        got, _ = batch_stats(sorted_tree["shuffled"], 2, rank, 2)
+        got, uniform, _ = batch_stats(sorted_tree["shuffled"], 2, rank, 2)
         assert got >= 0.9 * uniform, (rank, got, uniform)
 
 
@@ -95,10 +89,9 @@ def test_class_sorted_shards_still_give_mixed_batches(sorted_tree):
     draws on num_workers x interleave shards at once, which covers all 8 shards here; at ImageNet
     scale (~1 class per shard) it gives about that many classes per batch, hence the warning."""
     m = load_manifest(sorted_tree["sorted"])
-    uniform = expected_distinct(Counter(s.label for s in iter_samples(m)), BATCH)
     one_at_a_time = sum(len(s.class_counts) for s in m.shards) / len(m.shards)
     for workers in (1, 2):
-        got, _ = batch_stats(sorted_tree["sorted"], workers)
+        got, uniform, _ = batch_stats(sorted_tree["sorted"], workers)
         assert got >= 0.8 * uniform and got > 3 * one_at_a_time, (workers, got, uniform, one_at_a_time)
 
 
