@@ -110,6 +110,42 @@ def test_cache_guard_refuses_mismatch(fmnist_shards, tiny_cache, tmp_path, overr
         _data(cfg)
 
 
+def test_views_other_than_the_caches_are_refused_with_a_hint(fmnist_shards, tiny_cache, tmp_path):
+    cfg = student_config(fmnist_shards, tiny_cache, tmp_path, "data.views=3")
+    with pytest.raises(CacheMismatchError, match="field views.*holds 1 views.*one_view"):
+        _data(cfg)
+
+
+@pytest.fixture(scope="module")
+def two_view_cache(fmnist_shards, tmp_path_factory) -> Path:
+    """1 epoch x 2 views, k=3."""
+    out = tmp_path_factory.mktemp("cache2") / "two_view.zarr"
+    build_cache(fmnist_shards, out, epochs=1, views=2)
+    return out
+
+
+@pytest.mark.parametrize("sampler", ["ra", "one_view"])
+def test_student_epochs_read_each_cached_row_once(fmnist_shards, two_view_cache, tmp_path, sampler):
+    """2 views: student epochs 0 and 1 each read 256 rows, together all 512 rows of cache epoch 0,
+    each joined with its own cached row; epoch 2 reads them again."""
+    from storage import open_cache
+
+    data = _data(student_config(fmnist_shards, two_view_cache, tmp_path, f"data.sampler={sampler}"))
+    reader = open_cache(str(two_view_cache))
+    seen = []
+    for epoch in (0, 1):
+        rows = []
+        for b in data.batches(epoch):
+            lp, idx, valid = reader.lookup(0, b["sample_id"].numpy(), b["view"].numpy())
+            np.testing.assert_array_equal(b["teacher_indices"].numpy(), idx)
+            rows += list(zip(b["sample_id"].tolist(), b["view"].tolist()))
+        assert len(rows) == 256 and (sampler == "ra" or {v for _, v in rows} == {epoch})
+        seen += rows
+    assert sorted(seen) == [(i, v) for i in range(256) for v in (0, 1)]
+    again = [(s, v) for b in data.batches(2) for s, v in zip(b["sample_id"].tolist(), b["view"].tolist())]
+    assert data.plan_epoch(2) == 0 and len(again) == 256 and set(again) <= set(seen)
+
+
 def test_cache_guard_refuses_other_manifest(fmnist_shards, tiny_cache, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(fmnist_shards / "train", other / "train")
