@@ -35,6 +35,10 @@ def _home_files() -> dict[str, str]:
     return out
 
 
+# Helpers that exit by themselves when this process exits (they watch a pipe to it).
+_EXITS_WITH_PARENT = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
 def marked_processes(mark: str) -> list[str]:
     """'pid cmdline' of live processes (not this one) whose environment carries ``MARK=mark``."""
     needle = f"{MARK}={mark}".encode()
@@ -51,19 +55,28 @@ def marked_processes(mark: str) -> list[str]:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
+        if any(helper in cmd for helper in _EXITS_WITH_PARENT):
+            continue
         found.append(f"{proc.name} {cmd[:160]}")
     return found
 
 
 def pytest_sessionstart(session) -> None:
-    session.config._kdcache_hygiene = (_home_files(), os.environ.setdefault(MARK, uuid.uuid4().hex))
+    # a fresh mark per session: a pytest run inside a test only answers for its own processes
+    previous, mark = os.environ.get(MARK), uuid.uuid4().hex
+    os.environ[MARK] = mark
+    session.config._kdcache_hygiene = (_home_files(), mark, previous)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     state = getattr(session.config, "_kdcache_hygiene", None)
     if state is None:
         return
-    before, mark = state
+    before, mark, previous = state
+    if previous is None:
+        os.environ.pop(MARK, None)
+    else:
+        os.environ[MARK] = previous
     problems = []
     if os.environ.get(OPT_IN) != "1":
         after = _home_files()
