@@ -193,13 +193,24 @@ def test_one_cache_serves_many_students(fmnist_shards, cache, tmp_path, override
     assert 0.0 <= metrics["val_top1_fused"] <= 100.0
 
 
-def test_waits_for_epochs_still_being_cached(fmnist_shards, tmp_path, capsys):
-    """Epoch 1 is not cached when training starts; a thread caches it 1 s later."""
+def test_waits_for_epochs_still_being_cached(fmnist_shards, tmp_path, capsys, monkeypatch):
+    """Epoch 1 is not cached when training starts; a thread caches it once the student waits."""
+    from storage import CacheReader
+
     out = tmp_path / "partial.zarr"
     job = build_cache(fmnist_shards, out, items=[(0, s) for s in range(4)])
+    waiting = threading.Event()
+    wait_done = CacheReader.wait_done
+
+    def noting_wait(self, *args, **kwargs):
+        waiting.set()
+        return wait_done(self, *args, **kwargs)
+
+    monkeypatch.setattr(CacheReader, "wait_done", noting_wait)
 
     def finish_epoch_1():
-        time.sleep(1.0)
+        waiting.wait(timeout=120)   # (if the student never waits, the assertions below say so)
+        time.sleep(0.5)
         manifest = load_manifest(job.shards)
         writer = open_writer(job, manifest, cache_attrs(job, manifest))
         teacher = make_teacher(job)
