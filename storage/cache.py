@@ -256,14 +256,15 @@ class CacheWriter(_CacheBase):
             raise CacheMismatchError(f"cache {self.path}: field tail_dim: the layout has no learned tail")
         if "tail_basis" in self.group:
             raise CacheMismatchError(f"cache {self.path}: field tail_basis: already written; a resumed job reuses it")
-        if tail.num_classes != self.num_classes or not 1 <= tail.dim <= self.tail_dim:
+        if tail.num_classes != self.num_classes or not 0 <= tail.dim <= self.tail_dim:
             raise CacheMismatchError(f"cache {self.path}: field tail_basis: expected [<= {self.tail_dim}, "
                                      f"{self.num_classes}], found {list(tail.basis.shape)}")
         rows, chunk = (self.epochs, self.num_samples, self.views), (1, self.shard_size, self.views)
-        self.group.create_array("tail_code", shape=rows + (tail.dim,), chunks=chunk + (tail.dim,), dtype="int8",
+        self.group.create_array("tail_code", shape=rows + (tail.dim,), chunks=chunk + (max(tail.dim, 1),), dtype="int8",
                                 fill_value=0, compressors=[BloscCodec(cname="zstd", clevel=9, shuffle="noshuffle")])
         for name, value in (("tail_mean", tail.mean), ("tail_step", tail.step), ("tail_basis", tail.basis)):
-            arr = self.group.create_array(name, shape=value.shape, dtype="float32", chunks=value.shape)
+            arr = self.group.create_array(name, shape=value.shape, dtype="float32",
+                                          chunks=tuple(max(n, 1) for n in value.shape))
             arr[...] = np.asarray(value, np.float32)  # tail_basis last: its presence means the tail is complete
         self._tail = None
         self.tail_model()
@@ -473,7 +474,7 @@ class CacheReader(_CacheBase):
         buf["codes"][flat], buf["index"][flat] = codes, index
         buf["tail_mass"][flat] = self._tail_mass[epoch, sl].reshape(-1)
         if "tail_code" in buf:
-            buf["tail_code"][flat] = self.group["tail_code"][epoch, sl].reshape(-1, buf["tail_code"].shape[1])
+            buf["tail_code"][flat] = self.group["tail_code"][epoch, sl].reshape(count * self.views, -1)
         buf["valid"][flat] = self._valid[epoch, sl].reshape(-1)
         buf["loaded"][shard_index] = True
 

@@ -42,7 +42,7 @@ def train(cfg: TrainConfig) -> dict:
     # Data: the cache guard runs before anything is built, naming the mismatching field.
     manifest = load_manifest(cfg.data.train)
     reader, plan = open_checked_cache(cfg, manifest) if cfg.cache.path else (None, resolve_plan(cfg, None))
-    targets_fn, joins_cache = build_targets_fn(cfg, plan, reader, manifest.num_classes, device)
+    targets_fn, joins_cache = build_targets_fn(cfg, plan, reader, manifest.num_classes, device, log)
     data = TrainData(cfg, manifest, plan, reader if joins_cache else None, dist.rank, dist.world_size, log)
     num_batches = data.num_batches()
     updates_per_epoch = math.ceil(num_batches / cfg.optim.accum_steps)

@@ -81,6 +81,8 @@ class TailModel:
     def fit(cls, logits: np.ndarray | Tensor, dim: int, step: float) -> "TailModel":
         """PCA of the row-centred logits ``[n, C]``; D = min(dim, C - 1, n - 1).
 
+        With a single calibration row (a one-image dataset) D is 0 and the tail is that row's shape.
+
         Args:
             logits: calibration rows (full teacher logits).
             dim: wanted basis size.
@@ -89,8 +91,8 @@ class TailModel:
         z = _centred(torch.as_tensor(np.asarray(logits)))
         n, num_classes = z.shape
         d = min(dim, num_classes - 1, n - 1)
-        if d < 1:
-            raise ValueError(f"tail basis: need >= 2 rows and >= 2 classes, found {n} x {num_classes}")
+        if n < 1 or num_classes < 2:
+            raise ValueError(f"tail basis: need >= 1 row and >= 2 classes, found {n} x {num_classes}")
         mean = z.mean(dim=0)
         _, _, vt = torch.linalg.svd(z - mean, full_matrices=False)
         delta = step * float(z.pow(2).mean().sqrt())

@@ -164,20 +164,21 @@ def test_other_resolution_replays_same_rows(fmnist_shards, tiny_cache, tmp_path)
 def test_invalid_rows_are_dropped_and_counted(fmnist_shards, tiny_cache, tmp_path, monkeypatch):
     cfg = student_config(fmnist_shards, tiny_cache, tmp_path)
     data = _data(cfg)
-    real = data.reader.lookup
+    real = data.reader.lookup_rows
 
-    def lookup(epoch, sids, views):
-        lp, idx, valid = real(epoch, sids, views)
-        valid = valid.copy()
+    def lookup_rows(epoch, sids, views):
+        rows = real(epoch, sids, views)
+        valid = rows.valid.copy()
         valid[sids % 5 == 0] = False      # as if the teacher never scored these rows
-        return lp, idx, valid
+        return rows._replace(valid=valid)
 
-    monkeypatch.setattr(data.reader, "lookup", lookup)
+    monkeypatch.setattr(data.reader, "lookup_rows", lookup_rows)
     batches = list(data.batches(0))
     kept = torch.cat([b["sample_id"] for b in batches])
     assert not (kept % 5 == 0).any()
     assert sum(b["dropped"] for b in batches) == len([i for i in range(256) if i % 5 == 0])
-    assert all(b["image"].shape[0] == b["teacher_indices"].shape[0] == b["target"].shape[0] for b in batches)
+    assert all(b["image"].shape[0] == b["teacher_indices"].shape[0] == b["target"].shape[0]
+               == b["teacher_log_tail"].shape[0] == b["teacher_tail_code"].shape[0] for b in batches)
 
 
 def test_not_done_epoch_fails_fast_without_wait(fmnist_shards, tmp_path):
