@@ -23,7 +23,8 @@ Mixup 0.8 / CutMix 1.0, every row mixed, partner a random row of the same batch)
 half's rows come from the large photos, a quarter from ``lfw_subset`` and a quarter from
 Fashion-MNIST. Kept per row: the full fp32 logits, the pooled penultimate features (fp16),
 the photo of the row and of its partner. The teacher run is the slow part, so rows are cached
-in the temp dir, keyed by their arguments.
+in the temp dir, keyed by their arguments. :func:`write_cache` writes rows as a real cache
+(3 views per sample, 3000-row chunks) and reads them back.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ GRAY = ("camera", "clock", "coins", "moon", "grass", "gravel", "brick", "page", 
 MPL = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 FMNIST_FIRST = 50_000  # tests, fixtures and the demo read the first images of each Fashion-MNIST file
 SHORT_SIDE = 320  # ImageNet-like size; keeps PIL augmentation fast
+CHUNK_SAMPLES, VIEWS = 1000, 3  # 3000-row chunks, as a shard_size-1000 cache with 3 views
 
 
 @dataclass(frozen=True)
@@ -159,3 +161,49 @@ def teacher_rows(rows_per_split: int, seed: int = 0, fmnist: int = 1000, batch: 
     arrays["names"] = np.array([p.name for p in plist])
     np.savez(cache, **arrays)
     return arrays
+
+
+def blosc_bytes(arr: np.ndarray, shuffle: int) -> int:
+    """Bytes of ``arr`` [rows, ...] compressed like the cache (Blosc zstd-9) in 3000-row chunks."""
+    from numcodecs import Blosc
+
+    rows = CHUNK_SAMPLES * VIEWS
+    return sum(len(Blosc(cname="zstd", clevel=9, shuffle=shuffle).encode(np.ascontiguousarray(arr[s:s + rows])))
+               for s in range(0, len(arr), rows))
+
+
+def write_cache(path: Path, logits, k: int, tail) -> tuple:
+    """Write rows (full logits [n, C] tensor, n a multiple of 3) through storage with top-k and the
+    given tail (None: uniform), read them back.
+
+    Returns:
+        (the rows as a student rebuilds them: TeacherTargets, bytes per row of the per-row arrays,
+        bytes of the per-cache tail arrays, the reader).
+    """
+    import torch
+
+    from storage import create_cache, open_cache
+    from storage.cache import ROW_ARRAYS
+    from student.targets import CachedTargets
+
+    n = len(logits)
+    samples = n // VIEWS
+    shards = [(f, min(CHUNK_SAMPLES, samples - f)) for f in range(0, samples, CHUNK_SAMPLES)]
+    w = create_cache(path, shards=shards, shard_size=CHUNK_SAMPLES, num_samples=samples, epochs=1, views=VIEWS,
+                     k=k, num_classes=logits.shape[1], attrs={"bench": "targets"}, tail_dim=tail.dim if tail else 0)
+    if tail is not None:
+        w.write_tail(tail)
+    lp, idx = torch.log_softmax(logits.double(), -1).topk(k, dim=-1)
+    ids, views = np.repeat(np.arange(samples), VIEWS), np.tile(np.arange(VIEWS), samples)
+    for s, (first, count) in enumerate(shards):
+        sel = slice(first * VIEWS, (first + count) * VIEWS)
+        w.write_item(0, s, ids[sel], views[sel], lp[sel].float().numpy(), idx[sel].numpy(), logits=logits[sel].numpy())
+    r = open_cache(path)
+    rows = r.lookup_rows(0, ids, views)
+    batch = {"teacher_logprobs": torch.from_numpy(rows.logprobs), "teacher_indices": torch.from_numpy(rows.indices),
+             "teacher_log_tail": torch.from_numpy(rows.log_tail)}
+    if rows.tail_code is not None:
+        batch["teacher_tail_code"] = torch.from_numpy(rows.tail_code)
+    per_row = r.bytes_on_disk(metadata=False, arrays=ROW_ARRAYS) / samples / VIEWS
+    basis = r.bytes_on_disk(metadata=False, arrays=("tail_mean", "tail_basis", "tail_step"))
+    return CachedTargets(r.tail_model())(batch), per_row, basis, r

@@ -58,8 +58,8 @@ def fidelity_sums(logits: Tensor, ks: Iterable[int], taus: Sequence[float] = TAU
         row_tv, row_kl = [], []
         for tau in taus:
             tv, kl = divergences(logits, targets, tau)
-            row_tv.append(float(tv.sum()))
-            row_kl.append(float(kl.sum()))
+            row_tv.append(float(f"{float(tv.sum()):.7g}"))  # 7 digits: the record is stored per item
+            row_kl.append(float(f"{float(kl.sum()):.7g}"))
         tv_sums.append(row_tv)
         kl_sums.append(row_kl)
     return {"rows": int(logits.shape[0]), "ks": ks, "taus": [float(t) for t in taus], "tv": tv_sums, "kl": kl_sums}

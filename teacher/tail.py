@@ -46,8 +46,8 @@ class TailConfig(ConfigBase):
         calibration_rows: rows of epoch 0 scored once, before any item, to fit the basis.
     """
 
-    dim: int = 64
-    step: float = 4.0
+    dim: int = 56
+    step: float = 3.5
     calibration_rows: int = 4096
 
     def __post_init__(self) -> None:
