@@ -26,7 +26,12 @@ bench/storage.py):
   is always exact.
 
 Chunks are row-major; Blosc zstd-9 with byte-shuffle (the high bytes of codes and gaps are
-nearly constant). Measured at k = 10 on real EfficientNet-Lite0 rows: see BENCHMARKS.md.
+nearly constant). Measured on real EfficientNet-Lite0 rows (bench/storage.py, bench/targets.py):
+at k = 10 the values take 8.0 B, the ids 9.5 B and the tail mass 1.0 B per row (format 2:
+5.9 + 9.5 B). The stored rebuild is at most 0.0041 mean TV worse than exact fp32 top-k over
+k = 1..100 and τ = 1..4 (format 2: 0.044). This grid was picked from a scan of grids (linear
+step, two log steps, on rows no figure is measured on): among those whose excess stays below
+0.0045 it is within 0.1 B per row of the cheapest at k = 10.
 """
 from __future__ import annotations
 
