@@ -405,7 +405,7 @@ def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], shard_size: 
                          f"tail_dim {tail_dim}")
     layout = {"epochs": epochs, "views": views, "k": k, "num_classes": num_classes, "num_samples": num_samples,
               "shard_size": shard_size, "shards": [list(b) for b in bounds], "encoding": encoding.ENCODING,
-              "tail_dim": min(tail_dim, num_classes - 1)}
+              "tail_dim": min(tail_dim, num_classes - 1) if k < num_classes else 0}  # k = C: no tail
     wanted = _plain({**attrs, "format_version": FORMAT_VERSION, LAYOUT_KEY: layout})
 
     group = _open_group(path, mode="a")
