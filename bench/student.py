@@ -44,7 +44,7 @@ from student.losses import DistillationLoss  # noqa: E402
 from student.loop import LoopState, Precision, train_one_epoch  # noqa: E402
 from student.models import build_student  # noqa: E402
 from student.optim import build_optimizer  # noqa: E402
-from student.targets import OnlineTargets, cached_targets, no_targets  # noqa: E402
+from student.targets import CachedTargets, OnlineTargets, no_targets  # noqa: E402
 
 IMG, BATCH, C = 32, 64, 10
 STUDENT = dict(name="deit_tiny_distilled_patch16_224", model_kwargs=dict(patch_size=4, embed_dim=64, depth=3, num_heads=2))
@@ -131,6 +131,7 @@ def main(argv=None) -> dict:
         def joined():
             return (joiner._join(dict(b), 0) for b in images)
 
+        cached_targets = CachedTargets(reader.tail_model())
         modes = {
             "none": ("none", no_targets, lambda: iter([dict(b) for b in images])),
             "cached_hard": ("hard", cached_targets, joined),

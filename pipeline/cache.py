@@ -43,6 +43,7 @@ from typing import Any, Sequence
 from pipeline.config import ConfigBase, check, load_config
 from pipeline.plan import AugConfig, fingerprint
 from teacher.model import TeacherConfig, build_teacher, file_sha256
+from teacher.tail import TailConfig
 
 FORMAT_NOTE = "kdcache teacher cache"
 FAULT_ENV = "KDCACHE_FAULT_EXIT_ONCE"  # test hook: path of a marker file, see pipeline.work
@@ -66,7 +67,7 @@ class CacheJobConfig(ConfigBase):
         num_workers: decode/replay processes per actor (0 = in the actor process).
         actors: teacher actors; 0 = one per GPU, else CPUs // (1 + num_workers).
         max_retries: re-runs of a work item whose actor died.
-        aug: the augmentation plan; teacher: the model.
+        aug: the augmentation plan; teacher: the model; tail: the learned tail (teacher/tail.py).
     """
 
     shards: str = ""
@@ -81,6 +82,7 @@ class CacheJobConfig(ConfigBase):
     max_retries: int = 3
     aug: AugConfig = field(default_factory=AugConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    tail: TailConfig = field(default_factory=TailConfig)
 
     def __post_init__(self) -> None:
         check(bool(self.shards), "shards", "set the split directory (holding manifest.json)")
@@ -145,7 +147,7 @@ def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
     return create_cache(
         cfg.out, shards=manifest.shards, shard_size=manifest.shard_size,
         num_samples=manifest.num_samples, epochs=cfg.epochs, views=cfg.views, k=cfg.k,
-        num_classes=cfg.teacher.num_classes, attrs=attrs,
+        num_classes=cfg.teacher.num_classes, attrs=attrs, tail_dim=cfg.tail.dim,
     )
 
 
@@ -183,6 +185,12 @@ class TeacherWorker:
         result = run_item(self.cfg, epoch, shard_index, teacher=self.teacher, writer=self.writer,
                           manifest=self.manifest, fault_marker=self.fault_marker)
         return dataclasses.asdict(result)
+
+    def calibrate(self) -> bool:
+        """Fit and store the cache's tail basis if it is missing (pipeline.calibrate)."""
+        from pipeline.calibrate import calibrate_tail
+
+        return calibrate_tail(self.cfg, self.manifest, self.teacher, self.writer)
 
     def pid(self) -> int:
         return os.getpid()
@@ -280,6 +288,8 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
                 ray.get([a.pid.remote() for a in actors])
             except ray.exceptions.RayActorError as err:
                 raise CacheJobError(f"{cfg.out}: could not start a teacher actor: {err}") from None
+            # the tail basis is global: one actor fits it before any item is handed out
+            ray.get(actors[0].calibrate.remote())
             startup = time.perf_counter() - t0
             queue = list(todo)
             attempts: dict[tuple[int, int], int] = {}

@@ -113,7 +113,9 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
     Args:
         cfg: a ``pipeline.cache.CacheJobConfig``.
         teacher: a built ``teacher.model.Teacher`` (built from ``cfg`` on CPU if None).
-        writer: a ``storage.CacheWriter`` (created/reopened from ``cfg`` if None).
+        writer: a ``storage.CacheWriter`` (created/reopened from ``cfg`` if None). A cache without
+            its tail basis yet is calibrated first (``pipeline.calibrate``); the Ray job does that
+            once before handing out items, so parallel actors never race on it.
         manifest: the loaded manifest of ``cfg.shards`` (loaded if None).
         fault_marker: test hook, see :func:`_maybe_die`.
 
@@ -124,6 +126,7 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
         ShardError naming the shard for a missing/truncated tar; nothing is written then.
     """
     from pipeline.cache import cache_attrs, make_teacher, open_writer
+    from pipeline.calibrate import calibrate_tail
     from pipeline.schedule import epoch_cut
     from pipeline.shards import load_manifest, read_shard
 
@@ -135,10 +138,11 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
         raise IndexError(f"{cfg.out}: epoch {epoch} not in [0, {cfg.epochs})")
     teacher = teacher if teacher is not None else make_teacher(cfg, "cpu")
     writer = writer if writer is not None else open_writer(cfg, manifest, cache_attrs(cfg, manifest))
+    calibrate_tail(cfg, manifest, teacher, writer)  # no-op once the cache holds its tail basis
     shard = manifest.shards[shard_index]
     samples = read_shard(manifest.url(shard), shard)  # ShardError names the shard
 
-    ids, views, logprobs, indices, skipped = [], [], [], [], []
+    ids, views, logprobs, indices, logits, skipped = [], [], [], [], [], []
     buffer: list[torch.Tensor] = []  # images not yet scored, in row order
 
     def score(final: bool) -> None:
@@ -150,6 +154,7 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
             out = teacher.score(images[start:min(start + cfg.batch_size, stop)])
             logprobs.append(out.logprobs.float().cpu().numpy())
             indices.append(out.indices.cpu().numpy())
+            logits.append(out.logits.cpu().numpy())  # full: exact tail mass, tail code, fidelity
             _maybe_die(fault_marker)
         buffer = [images[stop:]] if stop < len(images) else []
 
@@ -174,6 +179,7 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
         np.concatenate(logprobs) if logprobs else np.zeros((0, k), np.float32),
         np.concatenate(indices) if indices else np.zeros((0, k), np.int64),
         missing=skipped,
+        logits=np.concatenate(logits) if logits else np.zeros((0, cfg.teacher.num_classes), np.float32),
     )
     n = sum(len(x) for x in ids)
     return ItemResult(epoch=epoch, shard_index=shard_index, shard=shard.name, images=n,

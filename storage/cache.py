@@ -1,13 +1,22 @@
 """The teacher-target cache: a Zarr v3 group. The only module that knows the on-disk layout.
 
-Layout (format_version 2)::
+Layout (format_version 3)::
 
-    <path>/zarr.json           group; attrs = caller provenance + format_version + kdcache_layout
-    <path>/prob   uint8  [epochs, num_samples, views, k]   top-k probability codes (storage/encoding.py)
-    <path>/index  uint16 [epochs, num_samples, views, k]   top-k class ids, sorted ascending, delta-coded
-    <path>/valid  bool   [epochs, num_samples, views]      False = row missing (corrupt sample, ...)
-    <path>/done   string [epochs, num_shards]              "" = not done; else JSON
-                                                           {"rows": n_valid, "missing": [records]}
+    <path>/zarr.json   group; attrs = caller provenance + format_version + kdcache_layout
+    <path>/prob        uint16 [epochs, num_samples, views, k]  top-k probability codes (storage/encoding.py)
+    <path>/index       uint16 [epochs, num_samples, views, k]  top-k class ids, sorted ascending, delta-coded
+    <path>/tail_mass   uint16 [epochs, num_samples, views]     probability code of the tail mass
+    <path>/valid       bool   [epochs, num_samples, views]     False = row missing (corrupt sample, ...)
+    <path>/done        string [epochs, num_shards]             "" = not done; else JSON {"rows": n_valid,
+                                                               "missing": [records], "fidelity": {...}}
+    with a learned tail (layout tail_dim > 0; teacher/tail.py), written once by ``write_tail``
+    before any item, so every row of the cache uses the same basis (also after a resume):
+    <path>/tail_mean   float32 [C];  tail_step float32 [D];  tail_basis float32 [D, C] (written last)
+    <path>/tail_code   int8   [epochs, num_samples, views, D]  per-row tail codes
+
+The ``fidelity`` record of a done item holds the sums over (up to ``FIDELITY_ROWS``) rows of
+the TV and KL of the stored rebuild vs the full teacher distribution, for several k and τ
+(teacher/fidelity.py), when the writer was given the full logits.
 
 Chunks are (1, shard_size, views, k): since every shard holds exactly ``shard_size`` samples
 (except the last), one (epoch, shard) work item owns whole chunks, so concurrent writers never
@@ -24,7 +33,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import zarr
@@ -33,8 +42,10 @@ from zarr.core.sync import sync
 
 from storage import encoding
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LAYOUT_KEY = "kdcache_layout"
+FIDELITY_ROWS = 256  # rows per item whose fidelity the writer records (the first ones): ~0.4 s of CPU per item
+ROW_ARRAYS = ("prob", "index", "tail_mass", "tail_code", "valid", "done")  # per-row; the tail basis is per cache
 
 
 class CacheMismatchError(ValueError):
@@ -102,6 +113,16 @@ def _shard_bounds(shards: Sequence[Any]) -> list[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- base
+class CachedRows(NamedTuple):
+    """Rows as a reader returns them (see :meth:`CacheReader.lookup_rows`)."""
+
+    logprobs: np.ndarray      # float32 [B, k], dequantized, sorted descending
+    indices: np.ndarray       # int64 [B, k]
+    valid: np.ndarray         # bool [B]
+    log_tail: np.ndarray      # float32 [B], dequantized log tail mass at τ=1
+    tail_code: np.ndarray | None  # int8 [B, D] with a learned tail, else None
+
+
 class _CacheBase:
     def __init__(self, group: zarr.Group, path: str):
         self.path = path
@@ -111,7 +132,8 @@ class _CacheBase:
         if layout is None or self.attrs.get("format_version") != FORMAT_VERSION:
             raise CacheMismatchError(
                 f"cache {path}: field format_version: expected {FORMAT_VERSION}, "
-                f"found {self.attrs.get('format_version', '<absent>')}")
+                f"found {self.attrs.get('format_version', '<absent>')} (a cache written by another kdcache "
+                f"version; re-create it with python -m pipeline.cache)")
         self.layout = layout
         self.epochs: int = layout["epochs"]
         self.views: int = layout["views"]
@@ -120,12 +142,44 @@ class _CacheBase:
         self.num_samples: int = layout["num_samples"]
         self.shard_size: int = layout["shard_size"]
         self.shards: list[tuple[int, int]] = [tuple(s) for s in layout["shards"]]
-        self.levels: int = layout["prob_levels"]
+        self.tail_dim: int = layout["tail_dim"]
         self._prob = group["prob"]
         self._index = group["index"]
+        self._tail_mass = group["tail_mass"]
         self._valid = group["valid"]
         self._done = group["done"]
         self._done_known: set[tuple[int, int]] = set()
+        self._tail = None
+
+    def tail_model(self):
+        """The cache's :class:`teacher.tail.TailModel`, or None for a uniform tail.
+
+        Raises:
+            RuntimeError: the layout asks for a learned tail whose basis is not written yet.
+        """
+        if self.tail_dim == 0:
+            return None
+        if self._tail is None:
+            if "tail_basis" not in self.group:  # written last by write_tail
+                raise RuntimeError(f"cache {self.path}: field tail_basis: the tail basis is not written yet "
+                                   f"(the caching job calibrates it before the first item)")
+            from teacher.tail import TailModel
+
+            self._tail = TailModel(*(self.group[name][:] for name in ("tail_mean", "tail_basis", "tail_step")))
+        return self._tail
+
+    def has_tail(self) -> bool:
+        """True when no learned tail is needed or its basis is written."""
+        return self.tail_dim == 0 or self._tail is not None or "tail_basis" in self.group
+
+    def fidelity(self) -> dict | None:
+        """Mean TV/KL of the stored rebuild vs the full teacher over all recorded rows of done items
+        (teacher.fidelity.summarize), or None when no item recorded any."""
+        from teacher.fidelity import summarize
+
+        records = [rec["fidelity"] for it in sorted(self.done_items())
+                   if "fidelity" in (rec := self._done_record(*it) or {})]
+        return summarize(records)
 
     def _check_item(self, epoch: int, shard_index: int) -> None:
         if not 0 <= epoch < self.epochs:
@@ -173,14 +227,17 @@ class _CacheBase:
             out.extend((self._done_record(epoch, shard) or {}).get("missing", []))
         return out
 
-    def bytes_on_disk(self, metadata: bool = True) -> int:
-        """Bytes stored under the group (``metadata=False``: chunk bytes only, no zarr.json)."""
+    def bytes_on_disk(self, metadata: bool = True, arrays: Sequence[str] | None = None) -> int:
+        """Bytes stored under the group (``metadata=False``: chunk bytes only, no zarr.json;
+        ``arrays``: only under these array names, e.g. the per-row ones without the tail basis)."""
         store_path = self.group.store_path
         prefix = f"{store_path.path}/" if store_path.path else ""
 
         async def _total() -> int:
             total = 0
             async for key in store_path.store.list_prefix(prefix):
+                if arrays is not None and key[len(prefix):].split("/", 1)[0] not in arrays:
+                    continue
                 if metadata or not key.endswith("zarr.json"):
                     total += await store_path.store.getsize(key)
             return total
@@ -192,8 +249,33 @@ class _CacheBase:
 class CacheWriter(_CacheBase):
     """Writes whole (epoch, shard) work items; see :func:`create_cache`."""
 
+    def write_tail(self, tail) -> None:
+        """Store the learned tail (a ``teacher.tail.TailModel``) once, before any item is written.
+
+        Raises:
+            CacheMismatchError: a tail is already stored (a resumed job reuses it), or the model
+                does not fit the layout (names the field).
+        """
+        if self.tail_dim == 0:
+            raise CacheMismatchError(f"cache {self.path}: field tail_dim: the layout has no learned tail")
+        if "tail_basis" in self.group:
+            raise CacheMismatchError(f"cache {self.path}: field tail_basis: already written; a resumed job reuses it")
+        if tail.num_classes != self.num_classes or not 0 <= tail.dim <= self.tail_dim:
+            raise CacheMismatchError(f"cache {self.path}: field tail_basis: expected [<= {self.tail_dim}, "
+                                     f"{self.num_classes}], found {list(tail.basis.shape)}")
+        rows, chunk = (self.epochs, self.num_samples, self.views), (1, self.shard_size, self.views)
+        self.group.create_array("tail_code", shape=rows + (tail.dim,), chunks=chunk + (max(tail.dim, 1),), dtype="int8",
+                                fill_value=0, compressors=[BloscCodec(cname="zstd", clevel=9, shuffle="noshuffle")])
+        for name, value in (("tail_mean", tail.mean), ("tail_step", tail.step), ("tail_basis", tail.basis)):
+            arr = self.group.create_array(name, shape=value.shape, dtype="float32",
+                                          chunks=tuple(max(n, 1) for n in value.shape))
+            arr[...] = np.asarray(value, np.float32)  # tail_basis last: its presence means the tail is complete
+        self._tail = None
+        self.tail_model()
+
     def write_item(self, epoch: int, shard_index: int, sample_ids: np.ndarray, views: np.ndarray,
-                   logprobs: np.ndarray, indices: np.ndarray, missing: Iterable[dict] = ()) -> None:
+                   logprobs: np.ndarray, indices: np.ndarray, missing: Iterable[dict] = (),
+                   logits: np.ndarray | None = None) -> None:
         """Write every row of one (epoch, shard) item, then its done marker LAST.
 
         Args:
@@ -202,6 +284,9 @@ class CacheWriter(_CacheBase):
             indices: [n, k] int class indices.
             missing: records (shard, key, epoch, view, reason) of rows not provided; every
                 row of the item not in ``sample_ids``/``views`` is stored as invalid.
+            logits: [n, C] full teacher logits. They give the exact tail mass, the tail codes
+                (required with a learned tail) and the item's fidelity record; without them the
+                tail mass is ``1 - Σ exp(logprobs)`` and no fidelity is recorded.
         """
         self._check_item(epoch, shard_index)
         first, count = self.shards[shard_index]
@@ -214,46 +299,94 @@ class CacheWriter(_CacheBase):
         if views.shape != (n,) or logprobs.shape != (n, self.k) or indices.shape != (n, self.k):
             raise ValueError(f"{where}: expected sample_ids/views [n] and logprobs/indices [n, {self.k}], found "
                              f"{sample_ids.shape}, {views.shape}, {logprobs.shape}, {indices.shape}")
+        if logits is not None and np.shape(logits) != (n, self.num_classes):
+            raise ValueError(f"{where}: field logits: expected [{n}, {self.num_classes}], found {list(np.shape(logits))}")
+        if logits is None and self.tail_dim:
+            raise ValueError(f"{where}: field logits: the cache codes a learned tail (tail_dim {self.tail_dim}), "
+                             f"which needs the full logits")
         rows = sample_ids - first
         if n and (rows.min() < 0 or rows.max() >= count):
             bad = sample_ids[(rows < 0) | (rows >= count)][0]
             raise ValueError(f"{where}: sample_id {bad} is not in the shard [{first}, {first + count})")
         if n and (views.min() < 0 or views.max() >= self.views):
             raise ValueError(f"{where}: view out of range [0, {self.views}): {views.min()}..{views.max()}")
-        if not np.isfinite(logprobs).all():
-            bad = sample_ids[~np.isfinite(logprobs).all(axis=1)][0]
-            raise ValueError(f"{where}: non-finite log-probs for sample_id {bad}")
+        for name, values in (("log-probs", logprobs), ("logits", logits)):
+            if values is not None and not np.isfinite(values).all():
+                bad = sample_ids[~np.isfinite(values).all(axis=1)][0]
+                raise ValueError(f"{where}: non-finite {name} for sample_id {bad}")
         flat = rows * self.views + views
         if len(np.unique(flat)) != n:
             raise ValueError(f"{where}: duplicate (sample_id, view) rows")
         try:
-            codes, gaps = encoding.encode_rows(logprobs, indices, self.num_classes, self.levels)
+            codes, gaps = encoding.encode_rows(logprobs, indices, self.num_classes)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        tail = self.tail_model()
+        log_tail, tail_codes, fidelity = self._tail_fields(logprobs, indices, logits, tail)
 
-        prob = np.zeros((count, self.views, self.k), np.uint8)
+        prob = np.zeros((count, self.views, self.k), np.uint16)
         index = np.zeros((count, self.views, self.k), np.uint16)
+        mass = np.zeros((count, self.views), np.uint16)
         valid = np.zeros((count, self.views), bool)
         prob[rows, views] = codes
         index[rows, views] = gaps
+        mass[rows, views] = encoding.encode_probs(log_tail)
         valid[rows, views] = True
         # whole-chunk writes: zarr never reads-modifies-writes a chunk covered entirely
         self._prob[epoch, first:first + count] = prob
         self._index[epoch, first:first + count] = index
+        self._tail_mass[epoch, first:first + count] = mass
+        if tail is not None:
+            code = np.zeros((count, self.views, tail.dim), np.int8)
+            code[rows, views] = tail_codes
+            self.group["tail_code"][epoch, first:first + count] = code
         self._valid[epoch, first:first + count] = valid
         record = {"rows": int(n), "missing": [_plain(dict(m)) for m in missing]}
+        if fidelity is not None:
+            record["fidelity"] = fidelity
         self._done[epoch, shard_index] = json.dumps(record, sort_keys=True)
         self._done_known.add((epoch, shard_index))
 
+    def _tail_fields(self, logprobs: np.ndarray, indices: np.ndarray, logits: np.ndarray | None, tail
+                     ) -> tuple[np.ndarray, np.ndarray | None, dict | None]:
+        """(log tail mass [n], tail codes [n, D] or None, fidelity record or None) of an item's rows."""
+        if logits is None:
+            mass = 1.0 - np.exp(logprobs.astype(np.float64)).sum(axis=1)
+            return np.log(np.maximum(mass, 0.0)), None, None
+        import torch
+
+        from teacher.fidelity import KS, fidelity_sums
+        from teacher.targets import TeacherTargets
+
+        z = torch.from_numpy(np.asarray(logits, np.float32))
+        full = torch.log_softmax(z.double(), dim=-1)
+        log_tail = torch.logsumexp(full.scatter(1, torch.from_numpy(indices.astype(np.int64)), -torch.inf), dim=-1)
+        codes = tail.encode(z).numpy() if tail is not None else None
+
+        def stored(t: TeacherTargets) -> TeacherTargets:
+            if t.log_tail is None:  # k = C: no tail
+                lp, idx, _ = encoding.round_trip(t.logprobs.numpy(), t.indices.numpy(), np.zeros(len(t.logprobs)),
+                                                 self.num_classes)
+                return TeacherTargets(torch.from_numpy(lp), torch.from_numpy(idx))
+            lp, idx, lt = encoding.round_trip(t.logprobs.numpy(), t.indices.numpy(), t.log_tail.numpy(),
+                                              self.num_classes)
+            return TeacherTargets(torch.from_numpy(lp), torch.from_numpy(idx), torch.from_numpy(lt), t.tail_shape)
+
+        sample = z[:FIDELITY_ROWS]
+        fidelity = fidelity_sums(sample, KS + (self.k,), tail=tail, stored=stored) if len(sample) else None
+        return log_tail.numpy(), codes, fidelity
+
 
 def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], shard_size: int, num_samples: int,
-                 epochs: int, views: int, k: int, num_classes: int, attrs: dict) -> CacheWriter:
+                 epochs: int, views: int, k: int, num_classes: int, attrs: dict, tail_dim: int = 0) -> CacheWriter:
     """Create the cache group (or reopen it for resume when its attrs are identical).
 
     Args:
         shards: ShardInfo list (or (first_id, count) pairs); every shard but the last must hold
             exactly ``shard_size`` samples, and first_id = index * shard_size.
         attrs: caller provenance (teacher, checkpoint_sha256, fingerprint, manifest_sha256, seed, ...).
+        tail_dim: largest learned-tail basis (teacher/tail.py); 0 = uniform tail. With a learned
+            tail, :meth:`CacheWriter.write_tail` must run before the first item.
 
     Raises:
         CacheMismatchError: the cache exists with different attrs or layout (names the field).
@@ -267,11 +400,12 @@ def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], shard_size: 
             raise ValueError(f"shard {i}: first_id {first}, count {count} do not follow shard_size {shard_size}")
     if sum(c for _, c in bounds) != num_samples:
         raise ValueError(f"shards hold {sum(c for _, c in bounds)} samples, num_samples is {num_samples}")
-    if min(epochs, views, k, num_classes) < 1 or k > num_classes or num_classes > 65536:
-        raise ValueError(f"bad layout: epochs {epochs}, views {views}, k {k}, num_classes {num_classes}")
+    if min(epochs, views, k, num_classes) < 1 or k > num_classes or num_classes > 65536 or tail_dim < 0:
+        raise ValueError(f"bad layout: epochs {epochs}, views {views}, k {k}, num_classes {num_classes}, "
+                         f"tail_dim {tail_dim}")
     layout = {"epochs": epochs, "views": views, "k": k, "num_classes": num_classes, "num_samples": num_samples,
               "shard_size": shard_size, "shards": [list(b) for b in bounds], "encoding": encoding.ENCODING,
-              "prob_levels": encoding.levels_for(k)}
+              "tail_dim": min(tail_dim, num_classes - 1) if k < num_classes else 0}  # k = C: no tail
     wanted = _plain({**attrs, "format_version": FORMAT_VERSION, LAYOUT_KEY: layout})
 
     group = _open_group(path, mode="a")
@@ -287,10 +421,9 @@ def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], shard_size: 
     rows = (epochs, num_samples, views)
     chunk = (1, shard_size, views)
     # row-major chunks (measured better than a rank-major transpose); see storage/encoding.py
-    group.create_array("prob", shape=rows + (k,), chunks=chunk + (k,), dtype="uint8", fill_value=0,
-                       compressors=[BloscCodec(cname="zstd", clevel=9, shuffle="noshuffle")])
-    group.create_array("index", shape=rows + (k,), chunks=chunk + (k,), dtype="uint16", fill_value=0,
-                       compressors=[BloscCodec(cname="zstd", clevel=9, shuffle="shuffle")])
+    for name, shape in (("prob", rows + (k,)), ("index", rows + (k,)), ("tail_mass", rows)):
+        group.create_array(name, shape=shape, chunks=chunk + shape[3:], dtype="uint16", fill_value=0,
+                           compressors=[BloscCodec(cname="zstd", clevel=9, shuffle="shuffle")])
     group.create_array("valid", shape=rows, chunks=chunk, dtype="bool", fill_value=False,
                        compressors=[BloscCodec(cname="zstd", clevel=9, shuffle="bitshuffle")])
     # created last: its presence means the group is complete (see the resume branch above)
@@ -302,27 +435,31 @@ def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], shard_size: 
 class CacheReader(_CacheBase):
     """Vectorized lookups of cached rows.
 
-    Decoded items are kept in compact rank-order form (uint8 codes, uint16 indices) inside
-    one dense per-epoch buffer of ``num_samples * views`` rows, filled chunk by chunk on
-    first use; ``cache_epochs`` epochs are kept (least recently used evicted), so a lookup
-    is a few numpy gathers over the batch plus a 256-entry dequantization table. Memory:
-    ``3k + 1`` bytes per row and epoch (ImageNet, 3 views, k=10: 119 MB per epoch), and
-    ``np.zeros`` pages are only touched for loaded shards.
+    Decoded items are kept in compact rank-order form (uint16 codes and indices, uint16 tail
+    mass, int8 tail codes) inside one dense per-epoch buffer of ``num_samples * views`` rows,
+    filled chunk by chunk on first use; ``cache_epochs`` epochs are kept (least recently used
+    evicted), so a lookup is a few numpy gathers over the batch plus a dequantization table.
+    Memory: ``4k + 3 + D`` bytes per row and epoch (ImageNet, 3 views, k=10, D=64: 411 MB per
+    epoch), and ``np.zeros`` pages are only touched for loaded shards.
     """
 
     def __init__(self, group: zarr.Group, path: str, cache_epochs: int = 2):
         super().__init__(group, path)
         self.cache_epochs = cache_epochs
         self._epochs: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self._lut = encoding.logprob_table(self.levels)
+        self._lut = encoding.logprob_table()
 
     def _epoch_buffer(self, epoch: int) -> dict[str, np.ndarray]:
         buf = self._epochs.get(epoch)
         if buf is None:
             rows, k = self.num_samples * self.views, self.k
+            tail = self.tail_model()
             # np.zeros pages are allocated lazily: only loaded shards cost memory
-            buf = {"codes": np.zeros((rows, k), np.uint8), "index": np.zeros((rows, k), np.uint16),
-                   "valid": np.zeros(rows, bool), "loaded": np.zeros(len(self.shards), bool)}
+            buf = {"codes": np.zeros((rows, k), np.uint16), "index": np.zeros((rows, k), np.uint16),
+                   "tail_mass": np.zeros(rows, np.uint16), "valid": np.zeros(rows, bool),
+                   "loaded": np.zeros(len(self.shards), bool)}
+            if tail is not None:
+                buf["tail_code"] = np.zeros((rows, tail.dim), np.int8)
             self._epochs[epoch] = buf
             while len(self._epochs) > self.cache_epochs:
                 self._epochs.popitem(last=False)
@@ -339,16 +476,19 @@ class CacheReader(_CacheBase):
         codes, index = encoding.decode_rows(self._prob[epoch, sl].reshape(-1, self.k),
                                             self._index[epoch, sl].reshape(-1, self.k))
         buf["codes"][flat], buf["index"][flat] = codes, index
+        buf["tail_mass"][flat] = self._tail_mass[epoch, sl].reshape(-1)
+        if "tail_code" in buf:
+            buf["tail_code"][flat] = self.group["tail_code"][epoch, sl].reshape(count * self.views, -1)
         buf["valid"][flat] = self._valid[epoch, sl].reshape(-1)
         buf["loaded"][shard_index] = True
 
-    def lookup(self, epoch: int, sample_ids: np.ndarray, views: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows (epoch, sample_ids[i], views[i]) -> (logprobs f32 [B,k], indices i64 [B,k], valid bool [B]).
+    def lookup_rows(self, epoch: int, sample_ids: np.ndarray, views: np.ndarray) -> CachedRows:
+        """Rows (epoch, sample_ids[i], views[i]) with everything the soft rebuild needs.
 
         Log-probs are the dequantized values, sorted descending; among equal values the
         classes come in ascending id order (storage/encoding.py). Invalid rows (missing
-        samples) come back with valid False and meaningless values.
+        samples) come back with valid False and meaningless values. ``tail_code`` turns into
+        the tail shape with :meth:`tail_model` (teacher/tail.py).
 
         Raises:
             CacheNotReady: a needed (epoch, shard) item is not done (names epoch and shard).
@@ -370,7 +510,17 @@ class CacheReader(_CacheBase):
                 for s in np.unique(shard[~loaded[shard]]):
                     self._load(epoch, int(s), buf)
         rows = sample_ids * self.views + views
-        return (self._lut[buf["codes"][rows]], buf["index"][rows].astype(np.int64), buf["valid"][rows])
+        code = buf["tail_code"][rows] if "tail_code" in buf else None
+        return CachedRows(self._lut[buf["codes"][rows]], buf["index"][rows].astype(np.int64), buf["valid"][rows],
+                          self._lut[buf["tail_mass"][rows]], code)
+
+    def lookup(self, epoch: int, sample_ids: np.ndarray, views: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows (epoch, sample_ids[i], views[i]) -> (logprobs f32 [B,k], indices i64 [B,k], valid bool [B]).
+
+        The top-k part of :meth:`lookup_rows` (enough for hard distillation).
+        """
+        return self.lookup_rows(epoch, sample_ids, views)[:3]
 
     def wait_done(self, epoch: int, shard_index: int, timeout: float | None = None, poll: float = 2.0,
                   log: Callable[[str], Any] | None = print) -> None:

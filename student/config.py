@@ -84,7 +84,8 @@ class TeacherModeConfig(ConfigBase):
     mode: str = "cached"               # cached | online
     # online: the teacher to run; None = the teacher of the cache's job config.
     model: TeacherConfig | None = None
-    # online: top-k kept from the logits; None = the cache's k. k == num_classes keeps full logits.
+    # cached: the k the cache must have (None = any). online: None = the full teacher distribution
+    # (DeiT's online distillation); a k < num_classes emulates a top-k cache (with the cache's tail).
     k: int | None = None
 
     def __post_init__(self):
@@ -187,4 +188,3 @@ class TrainConfig(ConfigBase):
             check(self.data.aug is not None, "data.aug", "required when cache.path is not set")
             if needs_teacher:
                 check(self.teacher.model is not None, "teacher.model", "required for online mode without a cache")
-                check(self.teacher.k is not None, "teacher.k", "required for online mode without a cache")

@@ -80,7 +80,7 @@ def open_checked_cache(cfg: TrainConfig, manifest: Manifest) -> tuple[CacheReade
         "manifest_sha256": manifest.sha256,
         "num_classes": manifest.num_classes,
     }
-    if cfg.teacher.k is not None:
+    if cfg.teacher.k is not None and cfg.teacher.mode == "cached":
         expect["k"] = cfg.teacher.k
     reader = open_cache(cfg.cache.path, expect=expect)
     return reader, plan
@@ -167,7 +167,7 @@ class TrainData:
     def _lookup(self, plan_epoch: int, sample_ids: np.ndarray, views: np.ndarray):
         while True:
             try:
-                return self.reader.lookup(plan_epoch, sample_ids, views)
+                return self.reader.lookup_rows(plan_epoch, sample_ids, views)
             except CacheNotReady as e:
                 if not self.cfg.cache.wait:
                     raise
@@ -177,10 +177,14 @@ class TrainData:
     def _join(self, batch: dict, plan_epoch: int) -> dict:
         sids = batch["sample_id"].numpy()
         views = batch["view"].numpy()
-        logprobs, indices, valid = self._lookup(plan_epoch, sids, views)
+        rows = self._lookup(plan_epoch, sids, views)
+        logprobs, indices, valid = rows[:3]
         batch = dict(batch)
         batch["teacher_logprobs"] = torch.from_numpy(np.asarray(logprobs, dtype=np.float32))
         batch["teacher_indices"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        batch["teacher_log_tail"] = torch.from_numpy(rows.log_tail)
+        if rows.tail_code is not None:
+            batch["teacher_tail_code"] = torch.from_numpy(rows.tail_code)
         valid = np.asarray(valid, dtype=bool)
         dropped = int((~valid).sum())
         if dropped:

@@ -1,4 +1,4 @@
-"""DeiT distillation losses (``none`` | ``soft`` | ``hard``) on cached or online teacher top-k.
+"""DeiT distillation losses (``none`` | ``soft`` | ``hard``) on cached or online teacher targets.
 
 Follows ``deit/losses.py::DistillationLoss`` (Touvron et al., 2021):
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from teacher.targets import hard_targets, soft_target_logprobs
+from teacher.targets import TeacherTargets, hard_targets, soft_target_logprobs
 
 MODES = ("none", "soft", "hard")
 
@@ -88,7 +88,8 @@ class DistillationLoss(nn.Module):
         Args:
             outputs: ``[B, C]`` logits, or ``(cls, dist)`` from a distillation-token model.
             target: ``[B, C]`` soft ground-truth label (mixed one-hot, unsmoothed).
-            teacher: ``(logprobs [B, k], indices [B, k])`` teacher top-k, or None (mode none).
+            teacher: :class:`~teacher.targets.TeacherTargets` (or a plain ``(logprobs, indices)``
+                top-k pair), or None (mode none).
         Returns:
             ``{"loss": scalar with grad, "base": detached, "distill": detached}``.
         """
@@ -113,10 +114,11 @@ class DistillationLoss(nn.Module):
 
         if teacher is None:
             raise ValueError(f"loss mode {self.mode!r} needs teacher targets, got None")
-        logprobs, indices = teacher
+        teacher = TeacherTargets(*teacher)
         if self.mode == "soft":
             t = self.tau
-            teacher_log = soft_target_logprobs(logprobs, indices, self.num_classes, t)
+            teacher_log = soft_target_logprobs(teacher.logprobs, teacher.indices, self.num_classes, t,
+                                               log_tail=teacher.log_tail, tail_shape=teacher.tail_shape)
             distill = F.kl_div(
                 F.log_softmax(dist_out.float() / t, dim=-1),
                 teacher_log,
@@ -126,7 +128,7 @@ class DistillationLoss(nn.Module):
         else:
             distill = F.cross_entropy(
                 dist_out.float(),
-                hard_targets(indices),
+                hard_targets(teacher.indices),
                 label_smoothing=self.teacher_label_smoothing,
             )
         loss = (1.0 - self.alpha) * base + self.alpha * distill

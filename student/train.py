@@ -45,7 +45,7 @@ def train(cfg: TrainConfig) -> dict:
     # Data: the cache guard runs before anything is built, naming the mismatching field.
     manifest = load_manifest(cfg.data.train)
     reader, plan = open_checked_cache(cfg, manifest) if cfg.cache.path else (None, resolve_plan(cfg, None))
-    targets_fn, joins_cache = build_targets_fn(cfg, plan, reader, manifest.num_classes, device)
+    targets_fn, joins_cache = build_targets_fn(cfg, plan, reader, manifest.num_classes, device, log)
     teacher_size = getattr(targets_fn, "input_size", None)
     extra_size = teacher_size if teacher_size not in (None, cfg.data.img_size) else None
     if extra_size:

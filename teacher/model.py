@@ -6,9 +6,9 @@ file loaded with ``torch.load(weights_only=True)`` — nothing is downloaded at 
 The model runs in eval mode, channels_last, with bf16/fp16 autocast on CUDA only and an
 optional ``torch.compile``.
 
-``Teacher.score`` returns top-k logits sorted descending, their class indices and the
-log-sum-exp over all classes, which is all the student needs to rebuild the teacher's
-distribution at any temperature (log-prob = logit - lse).
+``Teacher.score`` returns top-k logits sorted descending, their class indices, the
+log-sum-exp over all classes (log-prob = logit - lse) and the full logits, from which the
+cache writer takes the exact tail mass, the tail code and its fidelity figures.
 """
 from __future__ import annotations
 
@@ -67,12 +67,13 @@ class TeacherOutput:
     """Top-k scores of one batch (tensors on the teacher's device).
 
     values: float32 [B, k] logits sorted descending; indices: int64 [B, k];
-    lse: float32 [B] log-sum-exp over all classes.
+    lse: float32 [B] log-sum-exp over all classes; logits: float32 [B, C] all of them.
     """
 
     values: torch.Tensor
     indices: torch.Tensor
     lse: torch.Tensor
+    logits: torch.Tensor | None = None
 
     @property
     def logprobs(self) -> torch.Tensor:
@@ -246,14 +247,14 @@ class Teacher:
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor, k: int | None = None) -> TeacherOutput:
-        """Top-k logits (sorted descending), their indices and the full log-sum-exp."""
+        """Top-k logits (sorted descending), their indices, the full log-sum-exp and the full logits."""
         k = self.k if k is None else k
         if not 1 <= k <= self.num_classes:
             raise ValueError(f"k must be in [1, {self.num_classes}], found {k}")
         logits = self.forward_logits(images)
         values, indices = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
         return TeacherOutput(values=values.float(), indices=indices.long(),
-                             lse=torch.logsumexp(logits, dim=-1).float())
+                             lse=torch.logsumexp(logits, dim=-1).float(), logits=logits)
 
 
 def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", *, k: int = 10,

@@ -1,4 +1,4 @@
-"""Cache format: round trip, done markers, resume, mismatches, readiness, concurrency, fsspec."""
+"""Cache format: round trip, done markers, resume, mismatches, readiness, concurrency, fsspec, learned tail."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -37,7 +37,7 @@ def _item(epoch, shard, seed=0):
     return ids, views, lp.astype(np.float32), top
 
 
-def _assert_same_topk(got_lp, got_idx, lp, idx, levels):
+def _assert_same_topk(got_lp, got_idx, lp, idx):
     """Same top-k classes, exact top-1, each class's probability within the grid bound,
     descending values, and exact rank order wherever the dequantized value is unique in its row
     (the order of classes sharing one grid cell is not stored: storage/encoding.py)."""
@@ -47,7 +47,7 @@ def _assert_same_topk(got_lp, got_idx, lp, idx, levels):
     order = np.argsort(got_idx, 1), np.argsort(idx, 1)
     p_got = np.exp(np.take_along_axis(got_lp, order[0], 1).astype(np.float64))
     p_exact = np.exp(np.take_along_axis(lp, order[1], 1).astype(np.float64))
-    assert np.abs(p_got - p_exact).max() <= encoding.max_abs_dp(levels) + 1e-6
+    assert np.abs(p_got - p_exact).max() <= encoding.max_abs_dp() + 1e-6
     unique = (got_lp[:, :, None] == got_lp[:, None, :]).sum(2) == 1
     np.testing.assert_array_equal(got_idx[unique], idx[unique])
 
@@ -70,15 +70,15 @@ def test_round_trip_within_quantization(tmp_path):
             order = np.random.default_rng(1).permutation(len(ids))
             got_lp, got_idx, valid = r.lookup(e, ids[order], views[order])
             assert got_lp.dtype == np.float32 and got_idx.dtype == np.int64 and valid.all()
-            _assert_same_topk(got_lp, got_idx, lp[order], idx[order], r.levels)
+            _assert_same_topk(got_lp, got_idx, lp[order], idx[order])
     assert r.bytes_on_disk() > r.bytes_on_disk(metadata=False) > 0
-    assert r.attrs["teacher"] == "regnety_160" and r.attrs["format_version"] == 2
+    assert r.attrs["teacher"] == "regnety_160" and r.attrs["format_version"] == 3
 
 
 def test_done_marker_written_after_data(tmp_path, monkeypatch):
     w = _create(tmp_path / "c.zarr")
     order = []
-    for name in ("_prob", "_index", "_valid", "_done"):
+    for name in ("_prob", "_index", "_tail_mass", "_valid", "_done"):
         arr = getattr(w, name)
         real = arr.__setitem__
 
@@ -95,7 +95,7 @@ def test_done_marker_written_after_data(tmp_path, monkeypatch):
 
         setattr(w, name, Spy())
     w.write_item(0, 1, *_item(0, 1))
-    assert order[-1] == "_done" and set(order[:-1]) == {"_prob", "_index", "_valid"}
+    assert order[-1] == "_done" and set(order[:-1]) == {"_prob", "_index", "_tail_mass", "_valid"}
     assert w.is_done(0, 1) and not w.is_done(0, 0) and w.done_items() == {(0, 1)}
 
 
@@ -158,7 +158,7 @@ def test_missing_rows_recorded_and_invalid(tmp_path):
     r = open_cache(tmp_path / "c.zarr")
     got_lp, got_idx, valid = r.lookup(0, ids, views)
     np.testing.assert_array_equal(valid, keep)
-    _assert_same_topk(got_lp[keep], got_idx[keep], lp[keep], idx[keep], r.levels)
+    _assert_same_topk(got_lp[keep], got_idx[keep], lp[keep], idx[keep])
     assert r.missing_records() == missing
 
 
@@ -206,7 +206,7 @@ def test_concurrent_items_from_two_processes_equal_sequential(tmp_path):
     views = np.tile(np.arange(VIEWS), 16)
     for x, y in zip(a.lookup(0, ids, views), b.lookup(0, ids, views)):
         np.testing.assert_array_equal(x, y)
-    for name in ("prob", "index", "valid"):
+    for name in ("prob", "index", "tail_mass", "valid"):
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
 
 
@@ -217,7 +217,7 @@ def test_fsspec_memory_store():
     r = open_cache(path, expect={"k": K})
     ids, views, lp, idx = _item(1, 2)
     got_lp, got_idx, valid = r.lookup(1, ids, views)
-    _assert_same_topk(got_lp, got_idx, lp, idx, r.levels)
+    _assert_same_topk(got_lp, got_idx, lp, idx)
     assert valid.all() and r.done_items() == {(1, 2)} and r.bytes_on_disk() > 0
 
 
@@ -226,25 +226,111 @@ def test_file_url(tmp_path):
     assert open_cache(tmp_path / "c.zarr").done_items() == {(e, s) for e in range(EPOCHS) for s in range(3)}
 
 
-@pytest.mark.parametrize("k", [1, 2, 10])
+@pytest.mark.parametrize("k", [1, 2, 10, 100])
 def test_encoding_round_trip_and_bounded(k):
-    """Per class |dp| <= 1/(2L) (3/(2L) only for a runner-up tied with the top-1), exact index set
-    and top-1, ties in ascending class id; near-50/50 mixup rows keep their top-1."""
+    """Per class |dp| <= half a grid step (1.5 steps only for a runner-up tied with the top-1),
+    relative error <= half a log step below 1/8, exact index set and top-1, ties in ascending
+    class id; near-50/50 mixup rows keep their top-1; probabilities down to e^-60 keep their size."""
     rng = np.random.default_rng(k)
-    logits = rng.normal(size=(500, C)) * rng.uniform(1, 6, (500, 1))
-    logits[:100, 7], logits[:100, 3] = 40.0, 40.0 - 1e-4  # near-ties at the top (mixup lam ~ 0.5)
+    logits = rng.normal(size=(500, C)) * rng.uniform(1, 12, (500, 1))
+    logits[:100, 7], logits[:100, 3] = 80.0, 80.0 - 1e-4  # near-ties at the top (mixup lam ~ 0.5)
     top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     lp = (np.take_along_axis(logits, top, 1) - np.log(np.exp(logits).sum(1))[:, None]).astype(np.float32)
-    levels = encoding.levels_for(k)
-    codes, idx = encoding.decode_rows(*encoding.encode_rows(lp, top, C, levels))
-    got_lp = encoding.logprob_table(levels)[codes]
-    _assert_same_topk(got_lp, idx.astype(np.int64), lp, top, levels)
-    p_err = np.abs(np.exp(got_lp[:, 1:].astype(np.float64)) - np.exp(lp[:, 1:].astype(np.float64)))
-    assert np.abs(np.exp(got_lp[:, 0]) - np.exp(lp[:, 0])).max() <= 0.5 / levels + 1e-6
+    if k == 100:  # deep entries: format 2 coded everything below 1/510 as 0
+        assert lp.min() < np.log(1e-8)
+    codes, idx = encoding.decode_rows(*encoding.encode_rows(lp, top, C))
+    got_lp = encoding.logprob_table()[codes]
+    _assert_same_topk(got_lp, idx.astype(np.int64), lp, top)
+    half_step = encoding.max_abs_dp() / 3
+    p_err = np.abs(np.exp(got_lp.astype(np.float64)) - np.exp(lp.astype(np.float64)))
+    assert p_err[:, 0].max() <= half_step + 1e-6
+    small = (lp[:, 1:] < np.log(encoding.LINEAR_FROM)) & (lp[:, 1:] > encoding.LOG_MIN)
+    rel = np.abs(got_lp[:, 1:] - lp[:, 1:])[small]
     if k > 1:
         p0, p1 = np.exp(lp[:, 0].astype(np.float64)), np.exp(lp[:, 1].astype(np.float64))
-        tie_free = np.rint(p0 * levels) != np.rint(p1 * levels)
-        assert p_err[tie_free].max() <= 0.5 / levels + 1e-6
+        tie_free = encoding.encode_probs(np.log(p0)) != encoding.encode_probs(np.log(p1))
+        assert p_err[tie_free, 1:].max() <= half_step + 1e-6
         assert (idx[:100, 0] == 7).all()
+        tie_free_small = small & tie_free[:, None]
+        assert np.abs(got_lp[:, 1:] - lp[:, 1:])[tie_free_small].max() <= encoding.COARSE_STEP / 2 + 1e-5
+        fine = tie_free_small & (lp[:, 1:] > np.log(encoding.FINE_TO))
+        assert np.abs(got_lp[:, 1:] - lp[:, 1:])[fine].max() <= encoding.FINE_STEP / 2 + 1e-5
+        assert rel.size > 0
     with pytest.raises(ValueError, match="repeated class index"):
-        encoding.encode_rows(np.log(np.full((1, 2), 0.4)), np.array([[5, 5]]), C, 255)
+        encoding.encode_rows(np.log(np.full((1, 2), 0.4)), np.array([[5, 5]]), C)
+
+
+def test_tail_mass_stored_not_derived(tmp_path):
+    """A confident row whose dequantized top-k sums to >= 1 keeps its (tiny) tail mass."""
+    w = _create(tmp_path / "c.zarr")
+    ids, views, lp, idx = _item(0, 0)
+    logits = np.full((len(ids), C), -30.0)
+    logits[:, 0], logits[:, 1:K] = 12.0, 0.0
+    logits[:, K:] += np.random.default_rng(0).normal(size=(len(ids), C - K))
+    idx = np.tile(np.arange(K), (len(ids), 1))
+    full = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    w.write_item(0, 0, ids, views, full[:, :K].astype(np.float32), idx, logits=logits.astype(np.float32))
+    rows = open_cache(tmp_path / "c.zarr").lookup_rows(0, ids, views)
+    true_tail = np.log(np.exp(full[:, K:]).sum(1))
+    assert np.exp(rows.logprobs.astype(np.float64)).sum(1).min() >= 1.0 - 1e-3
+    np.testing.assert_allclose(rows.log_tail, true_tail, atol=encoding.COARSE_STEP / 2 + 1e-5)
+    assert rows.tail_code is None
+
+
+def test_old_format_refused_naming_the_field(tmp_path):
+    path = tmp_path / "c.zarr"
+    _create(path)
+    import zarr
+
+    group = zarr.open_group(str(path), mode="a")
+    group.attrs.update({"format_version": 2})
+    with pytest.raises(CacheMismatchError, match="field format_version: expected 3, found 2"):
+        open_cache(path)
+    with pytest.raises(CacheMismatchError, match="field format_version: expected 3, found 2"):
+        _create(path)
+
+
+def _logit_item(epoch, shard, seed=0):
+    """All rows of one item as full logits (for a learned-tail cache) + their top-K."""
+    first, count = SHARDS[shard]
+    rng = np.random.default_rng([seed, epoch, shard, 1])
+    ids = np.repeat(np.arange(first, first + count), VIEWS)
+    views = np.tile(np.arange(VIEWS), count)
+    logits = (rng.normal(size=(len(ids), 8)) @ rng.normal(size=(8, C)) + rng.normal(size=(len(ids), C))).astype(np.float32)
+    top = np.argsort(-logits, axis=1)[:, :K]
+    lse = np.log(np.exp(logits.astype(np.float64)).sum(1))
+    return ids, views, (np.take_along_axis(logits, top, 1) - lse[:, None]).astype(np.float32), top, logits
+
+
+def test_learned_tail_round_trips_and_is_reused_on_resume(tmp_path):
+    from teacher.tail import TailModel
+
+    path = tmp_path / "c.zarr"
+    w = _create(path, tail_dim=16)
+    ids, views, lp, idx, logits = _logit_item(0, 1)
+    with pytest.raises(RuntimeError, match="field tail_basis: the tail basis is not written yet"):
+        w.write_item(0, 1, ids, views, lp, idx, logits=logits)
+    tail = TailModel.fit(np.concatenate([_logit_item(1, s, seed=9)[4] for s in range(3)]), dim=16, step=1.0)
+    w.write_tail(tail)
+    with pytest.raises(ValueError, match="field logits"):
+        w.write_item(0, 1, ids, views, lp, idx)
+    w.write_item(0, 1, ids, views, lp, idx, logits=logits)
+
+    again = _create(path, tail_dim=16)  # resume: the stored basis, bit for bit
+    with pytest.raises(CacheMismatchError, match="field tail_basis: already written"):
+        again.write_tail(tail)
+    stored = again.tail_model()
+    for name in ("mean", "basis", "step"):
+        np.testing.assert_array_equal(getattr(stored, name), getattr(tail, name))
+    again.write_item(0, 2, *_logit_item(0, 2)[:4], logits=_logit_item(0, 2)[4])
+
+    r = open_cache(path)
+    rows = r.lookup_rows(0, ids, views)
+    import torch
+
+    np.testing.assert_array_equal(rows.tail_code, tail.encode(torch.from_numpy(logits)).numpy())
+    assert rows.tail_code.dtype == np.int8 and np.abs(rows.tail_code).max() > 0
+    fid = r.fidelity()
+    assert fid["rows"] == len(ids) + 2 * SHARDS[2][1] and K in fid["ks"] and fid["taus"] == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(CacheMismatchError, match="field tail_dim: expected 8, found 16"):
+        _create(path, tail_dim=8)

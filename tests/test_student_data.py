@@ -200,20 +200,21 @@ def test_other_resolution_replays_same_rows(fmnist_shards, tiny_cache, tmp_path)
 def test_invalid_rows_are_dropped_and_counted(fmnist_shards, tiny_cache, tmp_path, monkeypatch):
     cfg = student_config(fmnist_shards, tiny_cache, tmp_path)
     data = _data(cfg)
-    real = data.reader.lookup
+    real = data.reader.lookup_rows
 
-    def lookup(epoch, sids, views):
-        lp, idx, valid = real(epoch, sids, views)
-        valid = valid.copy()
+    def lookup_rows(epoch, sids, views):
+        rows = real(epoch, sids, views)
+        valid = rows.valid.copy()
         valid[sids % 5 == 0] = False      # as if the teacher never scored these rows
-        return lp, idx, valid
+        return rows._replace(valid=valid)
 
-    monkeypatch.setattr(data.reader, "lookup", lookup)
+    monkeypatch.setattr(data.reader, "lookup_rows", lookup_rows)
     batches = list(data.batches(0))
     kept = torch.cat([b["sample_id"] for b in batches])
     assert not (kept % 5 == 0).any()
     assert sum(b["dropped"] for b in batches) == len([i for i in range(256) if i % 5 == 0])
-    assert all(b["image"].shape[0] == b["teacher_indices"].shape[0] == b["target"].shape[0] for b in batches)
+    assert all(b["image"].shape[0] == b["teacher_indices"].shape[0] == b["target"].shape[0]
+               == b["teacher_log_tail"].shape[0] == b["teacher_tail_code"].shape[0] for b in batches)
 
 
 def test_not_done_epoch_fails_fast_without_wait(fmnist_shards, tmp_path):
@@ -223,3 +224,30 @@ def test_not_done_epoch_fails_fast_without_wait(fmnist_shards, tmp_path):
     next(iter(data.batches(0)))
     with pytest.raises(CacheNotReady):
         next(iter(data.batches(1)))
+
+
+def test_soft_student_logs_fidelity_and_warns_naming_a_k(fmnist_shards, tiny_cache, tmp_path):
+    """The fidelity the caching job recorded is logged at the student's τ; poor fidelity names a k."""
+    from student.targets import build_targets_fn
+    from teacher.fidelity import advice
+
+    cfg = student_config(fmnist_shards, tiny_cache, tmp_path, "loss.mode=soft", "loss.tau=3.0")
+    manifest = load_manifest(cfg.data.train)
+    reader, plan = open_checked_cache(cfg, manifest)
+    lines: list[str] = []
+    targets_fn, joins = build_targets_fn(cfg, plan, reader, NUM_CLASSES, "cpu", log=lines.append)
+    summary = reader.fidelity()
+    assert joins and summary["rows"] == 2 * 256 and summary["ks"] == [1, 3, 5, 10]
+    tv = summary["tv"][summary["ks"].index(3)][summary["taus"].index(3.0)]
+    assert len(lines) == 1 and "at τ=3:" in lines[0] and f"mean TV {tv:.3f}" in lines[0] and "(k=3," in lines[0]
+    # a threshold below this cache's TV turns it into a warning naming the smallest k that stays below
+    line, poor = advice(summary, 3, 3.0, poor_tv=tv / 2)
+    good = [k for k, row in zip(summary["ks"], summary["tv"]) if row[summary["taus"].index(3.0)] <= tv / 2]
+    assert poor and f"a cache with k={good[0]} would give" in line
+    line, poor = advice(summary, 3, 2.5, poor_tv=0.0)
+    assert poor and "nearest recorded to τ=2.5" in line and "no recorded k does" in line
+    # a hard student gets no fidelity line
+    hard = student_config(fmnist_shards, tiny_cache, tmp_path, "loss.mode=hard")
+    lines.clear()
+    build_targets_fn(hard, plan, reader, NUM_CLASSES, "cpu", log=lines.append)
+    assert lines == []
