@@ -19,8 +19,10 @@ def calibration_logits(cfg, manifest, teacher, rows: int) -> np.ndarray:
     An unreadable shard is passed over: its work items report it, naming the shard.
     """
     from pipeline.replay import replay_items
+    from pipeline.schedule import epoch_cut, shard_pairs
     from pipeline.shards import ShardError, read_shard
 
+    cut = epoch_cut(cfg.seed, 0, cfg.views)
     images: list[torch.Tensor] = []
     for shard in manifest.shards:
         try:
@@ -30,7 +32,8 @@ def calibration_logits(cfg, manifest, teacher, rows: int) -> np.ndarray:
         decoded: dict = {}
         for view in range(cfg.views):
             for item in replay_items(raw, shard, cfg.aug, cfg.seed, 0, view, teacher.cfg.input_size,
-                                     cfg.teacher.num_classes, skipped=[], decoded=decoded):
+                                     cfg.teacher.num_classes, shard_pairs(cut, view, shard), skipped=[],
+                                     decoded=decoded):
                 images.append(item.image)
                 if len(images) >= rows:
                     break

@@ -241,8 +241,11 @@ def test_soft_student_logs_fidelity_and_warns_naming_a_k(fmnist_shards, tiny_cac
     tv = summary["tv"][summary["ks"].index(3)][summary["taus"].index(3.0)]
     assert len(lines) == 1 and "at τ=3:" in lines[0] and f"mean TV {tv:.3f}" in lines[0] and "(k=3," in lines[0]
     # a threshold below this cache's TV turns it into a warning naming the smallest k that stays below
-    line, poor = advice(summary, 3, 3.0, poor_tv=tv / 2)
-    good = [k for k, row in zip(summary["ks"], summary["tv"]) if row[summary["taus"].index(3.0)] <= tv / 2]
+    column = [row[summary["taus"].index(3.0)] for row in summary["tv"]]
+    threshold = (tv + min(column)) / 2
+    assert min(column) < tv
+    line, poor = advice(summary, 3, 3.0, poor_tv=threshold)
+    good = [k for k, t in zip(summary["ks"], column) if t <= threshold]
     assert poor and f"a cache with k={good[0]} would give" in line
     line, poor = advice(summary, 3, 2.5, poor_tv=0.0)
     assert poor and "nearest recorded to τ=2.5" in line and "no recorded k does" in line
