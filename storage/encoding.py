@@ -78,6 +78,12 @@ def max_abs_dp() -> float:
     return 1.5 * float(np.diff(np.exp(_LOG_V)).max())
 
 
+def max_abs_dlogprob() -> float:
+    """Bound on |log p - log p_hat| per top-k entry: 1.5 of the largest step of the grid in log
+    space (half a step, or 1.5 for a runner-up lowered to break a tie with the top-1)."""
+    return 1.5 * float(np.diff(_LOG_V).max())
+
+
 def encode_rows(logprobs: np.ndarray, indices: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """[n, k] log-probs sorted descending + class indices -> (uint16 codes, uint16 index gaps).
 
