@@ -75,5 +75,5 @@ def run_cli(main: Callable[[Sequence[str] | None], object], prog: str, argv: Seq
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
-    """``plural(1, "shard") == "1 shard"``, ``plural(3, "class", "classes") == "3 classes"``."""
-    return f"{n} {word if n == 1 else (many or word + 's')}"
+    """``plural(1, "shard") == "1 shard"``, ``plural(1281167, "sample") == "1,281,167 samples"``."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
