@@ -122,17 +122,21 @@ PATH_FIELDS = {("shards",): "manifest_sha256", ("teacher", "checkpoint"): "check
 
 
 def _absolute(path: str | None) -> str | None:
-    """Local paths made absolute (the job config must work from any directory); URLs kept."""
     return os.path.abspath(path) if path and "://" not in path else path
+
+
+def absolute_paths(cfg: CacheJobConfig) -> CacheJobConfig:
+    """``cfg`` with local paths made absolute (URLs kept): Ray actors do not share the driver's
+    working directory, and the job config stored in the cache must work from anywhere."""
+    return cfg.replace(shards=_absolute(cfg.shards), out=_absolute(cfg.out),
+                       teacher=cfg.teacher.replace(checkpoint=_absolute(cfg.teacher.checkpoint)))
 
 
 def cache_attrs(cfg: CacheJobConfig, manifest) -> dict:
     """Provenance stored in the cache group attrs (compared again on every resume)."""
     t = cfg.teacher
-    job = {k: v for k, v in cfg.to_dict().items()
+    job = {k: v for k, v in absolute_paths(cfg).to_dict().items()
            if k not in ("batch_size", "num_workers", "actors", "max_retries", "out")}
-    job["shards"] = _absolute(job["shards"])
-    job["teacher"]["checkpoint"] = _absolute(job["teacher"]["checkpoint"])
     return {
         "teacher": t.name if not t.callable else t.callable,
         "checkpoint_sha256": checkpoint_sha256(t),
@@ -292,6 +296,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
 
     from pipeline.shards import class_mix_warning, load_manifest
 
+    cfg = absolute_paths(cfg)
     manifest = load_manifest(cfg.shards)
     check_manifest(cfg, manifest)
     warning = class_mix_warning(manifest)

@@ -367,8 +367,9 @@ def run_counts(cfg: DemoConfig) -> str:
 def table3_rows(results: dict) -> list[list[str]]:
     """DeiT Table 3 style: one row per (method, test tokens)."""
     t = results["teacher_train"]
-    rows = [["teacher: regnety_002 (stride-1 stem, 32 px)", "label", "-", f"{t['val_top1_fused']:.2f}",
-             f"{t['val_top1_fused']:.2f}", f"{results['timings']['teacher_train']:.0f}", f"{t['images_per_s']:.0f}"]]
+    rows = [["teacher: regnety_002 (stride-1 stem, 32 px)", "label", "-",
+             *_fmt_seeds({"per_seed": [t["val_top1_fused"]], "mean": t["val_top1_fused"]}),
+             f"{results['timings']['teacher_train']:.0f}", f"{t['images_per_s']:.0f}"]]
     for name, rec in results["runs"].items():
         s = rec["summary"]
         heads = [("cls", "val_top1_cls"), ("dist", "val_top1_dist"), ("cls+dist", "val_top1_fused")]

@@ -176,18 +176,15 @@ def load_for_finetune(model: nn.Module, state_dict: dict[str, Tensor], source: s
     resized = {}
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-        grid = list(model.patch_embed.grid_size)
         old_tokens = state["pos_embed"].shape[1] - prefix
-        side = int(math.isqrt(old_tokens))
-        if side * side != old_tokens or state["pos_embed"].shape[2] != own["pos_embed"].shape[2]:
-            raise CheckpointError(
-                f"{source}: pos_embed {tuple(state['pos_embed'].shape)} cannot be resized to the model's "
-                f"{tuple(own['pos_embed'].shape)} ({old_tokens} patch tokens, not a square grid of the same width)")
-        old_shape = tuple(state["pos_embed"].shape)
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=grid, old_size=[side, side], num_prefix_tokens=prefix
-        )
-        resized["pos_embed"] = (old_shape, tuple(own["pos_embed"].shape))
+        side = math.isqrt(max(old_tokens, 0))
+        # Resizable: same width and prefix tokens, a square grid; else it is reported as a mismatch.
+        if side * side == old_tokens and state["pos_embed"].shape[2] == own["pos_embed"].shape[2]:
+            old_shape = tuple(state["pos_embed"].shape)
+            state["pos_embed"] = resample_abs_pos_embed(
+                state["pos_embed"], new_size=list(model.patch_embed.grid_size), old_size=[side, side],
+                num_prefix_tokens=prefix)
+            resized["pos_embed"] = (old_shape, tuple(own["pos_embed"].shape))
     heads = _classifier_names(model)
     mis_shaped = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     reinit = [k for k in mis_shaped if k.rsplit(".", 1)[0] in heads]

@@ -190,7 +190,7 @@ def _epoch_line(done: int, total: int, m: dict, seconds: float) -> str:
             text += f", EMA {m['val_ema_top1_fused']:.2f}"
     text += f", {m['train_images_per_s']:.0f} img/s"
     if m.get("train_wait_s"):
-        text += f" (+{m['train_wait_s']:.0f} s waiting for the cache)"
+        text += f" (+{m['train_wait_s']:.1f} s waiting for the cache)"
     return text + f", {seconds:.0f} s"
 
 
