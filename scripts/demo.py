@@ -439,6 +439,7 @@ def plot_comparison(results: dict, png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from student.metrics import plot_curves
 
@@ -453,7 +454,7 @@ def plot_comparison(results: dict, png: Path) -> None:
             line, marker = SEED_STYLES[s["seed"] % len(SEED_STYLES)]
             style = dict(color=colors[i % len(colors)], linestyle=line, label=f"{name} s{s['seed']}")
             if rec["online"]:
-                style.update(linewidth=1.2, marker=marker, markerfacecolor="none", markersize=8, zorder=4)
+                style.update(linewidth=1.5, marker=marker, markerfacecolor="none", markersize=9, zorder=4)
             else:
                 style.update(linewidth=3.0, alpha=0.6, marker=marker, markersize=5, zorder=2)
             ax_loss.plot([float(r["epoch"]) for r in rows], [float(r["train_base"]) for r in rows], **style)
@@ -465,6 +466,7 @@ def plot_comparison(results: dict, png: Path) -> None:
     ax_acc.set(title="val top-1 (%), fused head; thin hollow = teacher online", xlabel="epoch")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(png, dpi=100)

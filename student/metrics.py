@@ -107,7 +107,10 @@ def _number(text: str | None) -> float | None:
 
 
 def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Plot loss columns, ``lr`` and every ``*top1*`` column against ``step`` into a PNG."""
+    """Plot loss columns, ``lr`` and every ``*top1*`` column against ``step`` into a PNG.
+
+    A train column logged per step and per epoch (the epoch mean) is drawn as two lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,13 +122,18 @@ def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Non
         ("lr", [f for f in fields if f == "lr"]),
         ("top-1 (%)", [f for f in fields if "top1" in f]),
     ]
+    # Per-step rows carry the lr; epoch rows hold epoch means (and val), drawn as their own lines.
+    kinds = (("", [r for r in rows if _number(r.get("lr")) is not None]),
+             (" (epoch)", [r for r in rows if _number(r.get("lr")) is None]))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (title, cols) in zip(axes, panels):
         for col in cols:
-            pts = [(float(r["step"]), v) for r in rows if (v := _number(r.get(col))) is not None]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=col, marker="." if len(pts) < 50 else None)
+            for suffix, kind in kinds:
+                pts = [(float(r["step"]), v) for r in kind if (v := _number(r.get(col))) is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    label = col + (suffix if col.startswith("train_") else "")
+                    ax.plot(xs, ys, label=label, marker="." if len(pts) < 50 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.lines:
