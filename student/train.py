@@ -135,8 +135,8 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
             state.epoch = epoch + 1
             metrics = {f"train_{k}": v for k, v in metrics.items()}
             if metrics["train_dropped"]:
-                log(f"epoch {state.epoch}/{cfg.run.epochs}: dropped {int(metrics['train_dropped'])} rows "
-                    "marked invalid in the cache")
+                log(f"epoch {state.epoch}/{cfg.run.epochs}: dropped {plural(int(metrics['train_dropped']), 'row')} "
+                    "marked invalid in the cache or not decodable")
             last = state.epoch == cfg.run.epochs
             if cfg.data.val and ((cfg.run.eval_every and state.epoch % cfg.run.eval_every == 0) or last):
                 metrics.update(_evaluate(cfg, model, ema, plan.aug, device, precision, dist))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,25 +13,14 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
-from pipeline.cache import CacheJobConfig, HINTS, PROG, cache_attrs, main, make_teacher, open_writer, run_job  # noqa: E402
+from pipeline.cache import (CacheJobConfig, HINTS, PROG, cache_attrs, main, make_teacher,  # noqa: E402
+                            open_writer, run_job)
 from pipeline.cli import run_cli  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
 from pipeline.work import run_item  # noqa: E402
 from storage import open_cache  # noqa: E402
 from teacher.model import TeacherConfig, create_model  # noqa: E402
-
-TINY_TEACHER = dict(name="regnety_002", num_classes=10, input_size=32, stem_stride=1, amp="none",
-                    channels_last=False)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+from test_cache_job import TINY_TEACHER, ray_session  # noqa: E402,F401  (the module's embedded Ray)
 
 
 def test_resume_under_another_spelling_then_nothing_to_do(ray_session, fmnist_shards, tmp_path, monkeypatch, capsys):
