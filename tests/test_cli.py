@@ -60,7 +60,7 @@ def test_cache_audit_make_shards_user_errors(fmnist_shards, tmp_path):
     assert_one_line_error(run("pipeline.audit", str(tmp_path / "absent.zarr")),
                           "pipeline.audit", "no kdcache cache at")
     assert_one_line_error(run("pipeline.make_shards", "fmnist", "--out", str(fmnist_shards), "--limit-train", "8"),
-                          "pipeline.make_shards", "already holds shards")
+                          "pipeline.make_shards", "already holds a complete split")
 
 
 def test_debug_shows_the_traceback(tmp_path):
