@@ -9,8 +9,13 @@ Defaults follow the DeiT recipe: AdamW, lr = 5e-4 * global_batch / 512, weight d
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
+import textwrap
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig
@@ -194,3 +199,28 @@ class TrainConfig(ConfigBase):
             if needs_teacher:
                 check(self.teacher.model is not None, "teacher.model", "required for online mode without a cache")
                 check(self.teacher.k is not None, "teacher.k", "required for online mode without a cache")
+
+
+def _config_class(tp) -> type | None:
+    """The config class in an annotation (``AugConfig | None`` -> AugConfig), else None."""
+    return next((t for t in typing.get_args(tp) or (tp,) if isinstance(t, type) and issubclass(t, ConfigBase)), None)
+
+
+def sections_help() -> str:
+    """The epilog of --help: every config section, its keys, and the file documenting them."""
+    repo = Path(__file__).resolve().parents[1]
+    lines = ["config sections (keys set in the YAML file or as section.key=value overrides;",
+             "each key's default and meaning are commented in student/config.py):"]
+    for section, tp in typing.get_type_hints(TrainConfig).items():
+        cls = _config_class(tp)
+        lines.append(f"  {section:8} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        lines += textwrap.wrap(" ".join(f.name for f in dataclasses.fields(cls)), 90,
+                               initial_indent="           keys: ", subsequent_indent="                 ")
+        for key, sub in typing.get_type_hints(cls).items():  # nested configs document their own keys
+            inner = _config_class(sub)
+            if inner is not None:
+                where = Path(inspect.getsourcefile(inner)).resolve().relative_to(repo)
+                lines.append(f"           {section}.{key}: keys of {inner.__name__} in {where}")
+    lines += ["", "--resume continues the latest checkpoint of run.out; student/resume.py lists the keys that",
+              "may change on resume (workers, eval/log/plot settings, cache.wait...); others are refused."]
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "plot_curves"]
+__all__ = ["MetricsLogger", "epoch_line", "plot_curves"]
 
 _FIXED = ["step", "epoch"]
 
@@ -81,6 +81,21 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def epoch_line(done: int, total: int, m: dict, seconds: float) -> str:
+    """The console line of an epoch (all of it is in metrics.csv), e.g.
+    ``epoch 3/6: loss 0.8123, val top-1 61.20 (cls 58.10, dist 60.40), 352 img/s, 21 s``."""
+    text = f"epoch {done}/{total}: loss {m['train_loss']:.4f}"
+    if "val_top1_fused" in m:
+        heads = [f"{h} {m[f'val_top1_{h}']:.2f}" for h in ("cls", "dist") if f"val_top1_{h}" in m and "val_top1_dist" in m]
+        text += f", val top-1 {m['val_top1_fused']:.2f}" + (f" ({', '.join(heads)})" if heads else "")
+        if "val_ema_top1_fused" in m:
+            text += f", EMA {m['val_ema_top1_fused']:.2f}"
+    text += f", {m['train_images_per_s']:.0f} img/s"
+    if m.get("train_wait_s"):
+        text += f" (+{m['train_wait_s']:.1f} s waiting for the cache)"
+    return text + f", {seconds:.0f} s"
 
 
 def _read(path: Path) -> tuple[list[dict], list[str]]:

@@ -12,31 +12,27 @@ resume -> epochs (train, eval, log, checkpoint) -> curves. The pieces live in im
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import math
 import os
 import sys
-import textwrap
 import time
-import typing
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cli import add_debug_flag, plural, run_cli
-from pipeline.config import ConfigBase, load_config
+from pipeline.config import load_config
 from storage import wait_for_cache
 from student import distributed
 from student.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, mark_best, prune_checkpoints,
                                 restore, rng_state, save_checkpoint, set_rng_state)
-from student.config import TrainConfig
+from student.config import TrainConfig, sections_help
 from student.data import TrainData, load_manifest, make_val_loader, open_checked_cache, resolve_plan
 from student.evaluate import evaluate
 from student.losses import DistillationLoss
 from student.loop import LoopState, resolve_precision, train_one_epoch
-from student.metrics import MetricsLogger, plot_curves
+from student.metrics import MetricsLogger, epoch_line, plot_curves
 from student.models import build_student
 from student.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
 from student.resume import check_fresh_run_dir, check_resume, run_identity
@@ -141,7 +137,7 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
             if cfg.data.val and ((cfg.run.eval_every and state.epoch % cfg.run.eval_every == 0) or last):
                 metrics.update(_evaluate(cfg, model, ema, plan.aug, device, precision, dist))
             logger.log(state.step, state.epoch, **metrics)
-            log(_epoch_line(state.epoch, cfg.run.epochs, metrics, time.perf_counter() - started))
+            log(epoch_line(state.epoch, cfg.run.epochs, metrics, time.perf_counter() - started))
             if dist.is_main and (state.epoch % cfg.run.save_every == 0 or last):
                 value = metrics.get(cfg.run.best_metric) if cfg.run.best_metric else None
                 improved = value is not None and (best is None or value > best["value"])
@@ -180,20 +176,6 @@ def _resume(run_dir: Path, cfg: TrainConfig, identity: dict, force: bool, model,
     return LoopState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), update=int(ckpt["update"])), ckpt.get("best")
 
 
-def _epoch_line(done: int, total: int, m: dict, seconds: float) -> str:
-    """``epoch 3/6: loss 0.8123, val top-1 61.20 (cls 58.10, dist 60.40), 352 img/s, 21 s`` (all of it is in metrics.csv)."""
-    text = f"epoch {done}/{total}: loss {m['train_loss']:.4f}"
-    if "val_top1_fused" in m:
-        heads = [f"{h} {m[f'val_top1_{h}']:.2f}" for h in ("cls", "dist") if f"val_top1_{h}" in m and "val_top1_dist" in m]
-        text += f", val top-1 {m['val_top1_fused']:.2f}" + (f" ({', '.join(heads)})" if heads else "")
-        if "val_ema_top1_fused" in m:
-            text += f", EMA {m['val_ema_top1_fused']:.2f}"
-    text += f", {m['train_images_per_s']:.0f} img/s"
-    if m.get("train_wait_s"):
-        text += f" (+{m['train_wait_s']:.1f} s waiting for the cache)"
-    return text + f", {seconds:.0f} s"
-
-
 def _evaluate(cfg, model, ema, aug, device, precision, dist) -> dict:
     """Top-1/top-5 of every head (cls, dist, fused) on the val shards, split over ranks."""
     out = {}
@@ -220,33 +202,8 @@ def _progress(cfg, is_main: bool, total: int, epoch: int):
     return tqdm(total=total, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, leave=False)
 
 
-def _config_class(tp) -> type | None:
-    """The config class in an annotation (``AugConfig | None`` -> AugConfig), else None."""
-    return next((t for t in typing.get_args(tp) or (tp,) if isinstance(t, type) and issubclass(t, ConfigBase)), None)
-
-
-def _sections_help() -> str:
-    """The epilog of --help: every config section, its keys, and the file documenting them."""
-    repo = Path(__file__).resolve().parents[1]
-    lines = ["config sections (keys set in the YAML file or as section.key=value overrides;",
-             "each key's default and meaning are commented in student/config.py):"]
-    for section, tp in typing.get_type_hints(TrainConfig).items():
-        cls = _config_class(tp)
-        lines.append(f"  {section:8} {(cls.__doc__ or '').strip().splitlines()[0]}")
-        lines += textwrap.wrap(" ".join(f.name for f in dataclasses.fields(cls)), 90,
-                               initial_indent="           keys: ", subsequent_indent="                 ")
-        for key, sub in typing.get_type_hints(cls).items():  # nested configs document their own keys
-            inner = _config_class(sub)
-            if inner is not None:
-                where = Path(inspect.getsourcefile(inner)).resolve().relative_to(repo)
-                lines.append(f"           {section}.{key}: keys of {inner.__name__} in {where}")
-    lines += ["", "--resume continues the latest checkpoint of run.out; student/resume.py lists the keys that",
-              "may change on resume (workers, eval/log/plot settings, cache.wait...); others are refused."]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], epilog=_sections_help(),
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], epilog=sections_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/student/*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out")
