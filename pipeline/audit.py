@@ -1,6 +1,6 @@
 """Audit a teacher cache: re-score replayed images and compare with the stored rows.
 
-    python -m pipeline.audit runs/cache/fmnist_regnety002.zarr --samples 200 [--tau 1 3] [--checkpoint PATH] [--shards DIR]
+    python -m pipeline.audit runs/demo/cache.zarr --samples 200 [--tau 1 3] [--checkpoint PATH] [--shards DIR]
 
 The teacher and the plan are rebuilt from the cache attrs (the job config stored there);
 ``--checkpoint`` / ``--shards`` point at files that moved. For each epoch, ``--samples`` random
@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from pipeline.cli import add_debug_flag, run_cli
 
 
 def job_config_from_cache(reader, out: str, checkpoint: str | None = None, shards: str | None = None):
@@ -57,18 +59,20 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
     from pipeline.replay import replay_items
     from pipeline.schedule import epoch_cut, shard_pairs
     from pipeline.shards import load_manifest, read_shard
-    from storage import open_cache
+    from storage import CacheMismatchError, open_cache
 
     reader = open_cache(cache)
     cfg = job_config_from_cache(reader, cache, checkpoint, shards)
     manifest = load_manifest(cfg.shards)
     if manifest.sha256 != reader.attrs.get("manifest_sha256"):
-        raise ValueError(f"audit {cache}: shards {cfg.shards} have manifest sha256 {manifest.sha256}, "
-                         f"the cache was made from {reader.attrs.get('manifest_sha256')}")
+        raise CacheMismatchError(f"audit {cache}: field manifest_sha256: the shards at {cfg.shards} have "
+                                 f"{manifest.sha256}, the cache was made from {reader.attrs.get('manifest_sha256')} "
+                                 "(--shards names the split the cache was made from)")
     teacher = make_teacher(cfg, device)
     if reader.attrs.get("checkpoint_sha256") not in (None, teacher.checkpoint_sha256):
-        raise ValueError(f"audit {cache}: teacher checkpoint sha256 {teacher.checkpoint_sha256} != "
-                         f"cached {reader.attrs['checkpoint_sha256']}")
+        raise CacheMismatchError(f"audit {cache}: field checkpoint_sha256: the teacher file {cfg.teacher.checkpoint} "
+                                 f"has {teacher.checkpoint_sha256}, the cache was made with "
+                                 f"{reader.attrs['checkpoint_sha256']} (--checkpoint names the right file)")
     tail = reader.tail_model()
     rng = np.random.default_rng(seed)
     report: dict[int, dict] = {}
@@ -129,10 +133,13 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
     return report
 
 
+PROG = "python -m pipeline.audit"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.audit", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cache")
+    p.add_argument("cache", help="the cache to audit (e.g. runs/demo/cache.zarr)")
     p.add_argument("--samples", type=int, default=100, help="rows per epoch (default 100)")
     p.add_argument("--checkpoint", default=None, help="teacher weights, if not at the stored path")
     p.add_argument("--shards", default=None, help="split dir, if not at the stored path")
@@ -142,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="also write the report as JSON to this file")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     report = audit(args.cache, args.samples, checkpoint=args.checkpoint, shards=args.shards,
                    seed=args.seed, device=args.device, taus=args.tau)
@@ -162,4 +170,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, PROG))

@@ -7,7 +7,9 @@ Run it locally (embedded Ray) or on a cluster::
     ray submit configs/teacher_cache.yaml pipeline/cache.py --config /abs/path/config.yaml
 
 Work items are ``(epoch, shard)`` pairs whose done marker is not yet in the cache, so
-re-running the same command resumes. A pool of :class:`TeacherActor` (one GPU each, or one
+re-running the same command resumes (a re-run with nothing left says "12/12 items done,
+nothing to run"). A resume compares the job's provenance with the cache's; paths are
+compared by what they point to (manifest and checkpoint sha256), not by how they are spelled. A pool of :class:`TeacherActor` (one GPU each, or one
 CPU each on a laptop) runs :func:`pipeline.work.run_item` on them; each actor decodes and
 replays its shard in ``num_workers`` DataLoader processes. An actor that dies (OOM, node
 loss, ``os._exit``) is re-created and its item resubmitted, up to ``max_retries`` times.
@@ -29,9 +31,10 @@ if __name__ == "__main__":
         if sys.path and os.path.abspath(sys.path[0] or ".") == _here:
             sys.path.pop(0)  # pipeline/ itself must not shadow top-level modules
         sys.path.insert(0, os.path.dirname(_here))
-    from pipeline.cache import main as _main
+    from pipeline.cache import HINTS, PROG, main as _main
+    from pipeline.cli import run_cli
 
-    sys.exit(_main())
+    sys.exit(run_cli(_main, PROG, hints=HINTS))
 
 import argparse
 import dataclasses
@@ -40,11 +43,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from pipeline.cli import add_debug_flag, plural
 from pipeline.config import ConfigBase, check, load_config
 from pipeline.plan import AugConfig, fingerprint
 from teacher.model import TeacherConfig, build_teacher, file_sha256
 from teacher.tail import TailConfig
 
+PROG = "python -m pipeline.cache"
 FORMAT_NOTE = "kdcache teacher cache"
 FAULT_ENV = "KDCACHE_FAULT_EXIT_ONCE"  # test hook: path of a marker file, see pipeline.work
 
@@ -113,9 +118,27 @@ def package_version() -> str:
         return "unknown"
 
 
+# Path fields of the stored job config -> the attr that says what they point to. A resume
+# compares that content identity, not the spelling ("runs/x" vs "/home/me/runs/x", a moved dataset).
+PATH_FIELDS = {("shards",): "manifest_sha256", ("teacher", "checkpoint"): "checkpoint_sha256"}
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path and "://" not in path else path
+
+
+def absolute_paths(cfg: CacheJobConfig) -> CacheJobConfig:
+    """``cfg`` with local paths made absolute (URLs kept): Ray actors do not share the driver's
+    working directory, and the job config stored in the cache must work from anywhere."""
+    return cfg.replace(shards=_absolute(cfg.shards), out=_absolute(cfg.out),
+                       teacher=cfg.teacher.replace(checkpoint=_absolute(cfg.teacher.checkpoint)))
+
+
 def cache_attrs(cfg: CacheJobConfig, manifest) -> dict:
     """Provenance stored in the cache group attrs (compared again on every resume)."""
     t = cfg.teacher
+    job = {k: v for k, v in absolute_paths(cfg).to_dict().items()
+           if k not in ("batch_size", "num_workers", "actors", "max_retries", "out")}
     return {
         "teacher": t.name if not t.callable else t.callable,
         "checkpoint_sha256": checkpoint_sha256(t),
@@ -135,9 +158,31 @@ def cache_attrs(cfg: CacheJobConfig, manifest) -> dict:
         "shard_size": manifest.shard_size,
         "package_version": package_version(),
         # what does not change the rows is left out, so a resume may use other batch sizes
-        "job": {k: v for k, v in cfg.to_dict().items()
-                if k not in ("batch_size", "num_workers", "actors", "max_retries", "out")},
+        "job": job,
     }
+
+
+def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
+    """``attrs`` with the existing cache's spelling of each path that points to the same content.
+
+    storage compares attrs for equality on reopen; a path field whose content identity (manifest
+    or checkpoint sha256) matches the cache's takes the cache's stored value, so only a real
+    difference (another dataset, another teacher file, another config value) is refused.
+    """
+    from storage import CacheMismatchError, open_cache
+
+    try:
+        stored = open_cache(cfg.out).attrs
+    except (FileNotFoundError, KeyError, CacheMismatchError):
+        return attrs  # no complete cache there: create_cache creates it or names the mismatch
+    out = json.loads(json.dumps(attrs))
+    for (*parents, leaf), identity in PATH_FIELDS.items():
+        mine, theirs = out["job"], stored.get("job", {})
+        for key in parents:
+            mine, theirs = mine.get(key, {}), theirs.get(key, {})
+        if stored.get(identity) == attrs[identity] and leaf in theirs:
+            mine[leaf] = theirs[leaf]
+    return out
 
 
 def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
@@ -259,14 +304,17 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
 
     from pipeline.shards import class_mix_warning, load_manifest
 
+    cfg = absolute_paths(cfg)
     manifest = load_manifest(cfg.shards)
     check_manifest(cfg, manifest)
     warning = class_mix_warning(manifest)
     if warning and progress:
         print(warning, file=sys.stderr)
-    attrs = cache_attrs(cfg, manifest)
+    attrs = resume_attrs(cfg, cache_attrs(cfg, manifest))
     writer = open_writer(cfg, manifest, attrs)
     todo, done_before = pending_items(writer, cfg.epochs, len(manifest.shards))
+    if not todo:  # nothing to run: summary.json keeps the figures of the run that did the work
+        return _summarize(cfg, manifest, done_before, todo, [], 0, 0.0, 0, [], [])
     fault_marker = fault_marker or os.environ.get(FAULT_ENV) or None
 
     started_ray = connect_ray(address) if todo else False
@@ -345,11 +393,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     seconds = time.perf_counter() - t0
     summary = _summarize(cfg, manifest, done_before, todo, results, images, seconds,
                          retries, skipped, failed, startup)
-    where = write_summary(cfg, summary)
-    if progress:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("skipped", "items")},
-                         indent=2), file=sys.stderr)
-        print(f"summary written to {where}", file=sys.stderr)
+    summary["summary_path"] = write_summary(cfg, summary)
     if failed:
         lines = "\n".join(f"  epoch {f['epoch']} shard {f['shard']}: {f['error']}" for f in failed)
         raise CacheJobError(f"{len(failed)} work item(s) of {cfg.out} failed; everything else "
@@ -388,17 +432,37 @@ def _summarize(cfg, manifest, done_before, todo, results, images, seconds, retri
     }
 
 
+def report(summary: dict) -> str:
+    """The job's last line: what is done, what ran now, where the summary is."""
+    done = summary["items_done_before"] + summary["items_run"]
+    text = f"cache {summary['cache']}: {done}/{plural(summary['items_total'], 'item')} done"
+    if not summary["items_run"]:
+        return text + ", nothing to run"
+    text += (f" ({plural(summary['items_run'], 'item')} run now: {summary['images']} images in "
+             f"{summary['seconds']:.0f} s, {summary['images_per_s']:.0f} img/s")
+    skipped = len(summary["skipped"])
+    text += f", {plural(skipped, 'sample')} skipped)" if skipped else ")"
+    return text + f"; summary in {summary['summary_path']}"
+
+
+HINTS = {
+    "ConfigError": "configs/cache/*.yaml show the keys; CacheJobConfig in pipeline/cache.py documents them",
+    "CacheMismatchError": "a cache resumes only under the job config that made it; set out= to a new path "
+                          "for a new cache",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.cache", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/cache/<name>.yaml")
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join; default RAY_ADDRESS, else a `ray start` "
                              "cluster on this node, else embedded Ray; 'local' = always embedded")
     parser.add_argument("--no-progress", action="store_true")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. epochs=2 teacher.amp=none")
     args = parser.parse_args(argv)
     cfg = load_config(CacheJobConfig, args.config, args.overrides)
-    run_job(cfg, address=args.ray_address, progress=not args.no_progress)
+    print(report(run_job(cfg, address=args.ray_address, progress=not args.no_progress)))
     return 0
-

@@ -9,11 +9,15 @@ Every config in kdcache is a ``@dataclass`` that inherits :class:`ConfigBase`:
 * Validation lives in each class's ``__post_init__`` and raises :class:`ConfigError`
   naming the field (use :func:`check`).
 * :func:`load_config` reads a YAML file and applies overrides such as
-  ``aug.mixup_alpha=0.0`` (values are parsed as YAML scalars/lists).
+  ``aug.mixup_alpha=0.0``. An override sets the value at its dotted path: a mapping value
+  (``model.model_kwargs={}``) replaces the whole mapping, ``model.model_kwargs.depth=2`` one key.
+* Values are read as YAML 1.2 numbers, so ``5e-4`` and ``1e-3`` are floats (YAML 1.1, PyYAML's
+  default, would read them as strings), in files and overrides alike.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,6 +30,23 @@ T = TypeVar("T", bound="ConfigBase")
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or invalid; the message names the field."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats: ``5e-4`` is a number, as users write learning rates."""
+
+
+# YAML 1.1 needs a dot in the mantissa and a sign in the exponent (``5.0e-4``); 1.2 does not.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`_Loader` (safe; YAML 1.2 floats)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def check(condition: bool, field: str, message: str) -> None:
@@ -58,7 +79,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 return _convert(arg, value, path)
             except (ConfigError, TypeError, ValueError):
                 continue
-        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+        raise ConfigError(f"{path}: expected {_describe(tp)}, found {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, found {value!r}")
@@ -94,6 +115,21 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, found {value!r}")
         return value
     return value
+
+
+_NAMES = {float: "a number", int: "an integer", bool: "true/false", str: "a string", dict: "a mapping",
+          type(None): "null"}
+
+
+def _describe(tp: Any) -> str:
+    """``float | None`` -> 'a number or null' (for error messages)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if _is_config(tp):
+        return f"a mapping ({tp.__name__})"
+    if typing.get_origin(tp) in (tuple, list):
+        return "a list"
+    return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _plain(value: Any) -> Any:
@@ -139,33 +175,40 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)
 
 
-def parse_overrides(overrides: Sequence[str]) -> dict:
-    """Turn ``["a.b=1", "c=[1, 2]"]`` into ``{"a": {"b": 1}, "c": [1, 2]}``."""
-    tree: dict = {}
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Set each ``key.sub=value`` of ``overrides``, in order, on a copy of ``data``.
+
+    The value (parsed as YAML) replaces what is at the dotted path, mappings included:
+    ``model.model_kwargs={}`` empties the mapping, ``model.model_kwargs.depth=2`` sets one key.
+    """
+    out = _copy_tree(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node = tree
+        try:
+            value = load_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.problem})") from None
+        node = out
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent, or a section written as `aug: null`
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is already set to a value")
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is {node!r}, not a section")
         node[parts[-1]] = value
-    return tree
-
-
-def merge(base: dict, update: dict) -> dict:
-    """Deep-merge ``update`` into a copy of ``base``."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
     return out
+
+
+def _copy_tree(data: dict) -> dict:
+    return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """Turn ``["a.b=1", "c=[1, 2]"]`` into ``{"a": {"b": 1}, "c": [1, 2]}``."""
+    return apply_overrides({}, overrides)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -175,7 +218,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
-    return cls.from_dict(merge(data, parse_overrides(overrides)))
+    return cls.from_dict(apply_overrides(data, overrides))

@@ -38,8 +38,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards import (MANIFEST_NAME, ShardError, SourceSample, class_mix_warning, encode_png,
-                             load_manifest, sanitize_key, write_shards)
+from pipeline.cli import add_debug_flag, plural, run_cli
+from pipeline.shards import (MANIFEST_NAME, SourceSample, class_mix_warning, encode_png, load_manifest,
+                             sanitize_key, write_shards)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -144,13 +145,9 @@ def _bar(desc: str, total: int):
     return lambda it: tqdm(it, total=total, desc=desc, unit="img", dynamic_ncols=True)
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n:,} {word if n == 1 else plural or word + 's'}"
-
-
 def _print_summary(m) -> None:
-    print(f"{m.path}: {_plural(m.num_samples, 'sample')} in {_plural(len(m.shards), 'shard')} of up to "
-          f"{m.shard_size:,}, {_plural(m.num_classes, 'class', 'classes')}, "
+    print(f"{m.path}: {plural(m.num_samples, 'sample')} in {plural(len(m.shards), 'shard')} of up to "
+          f"{m.shard_size:,}, {plural(m.num_classes, 'class', 'classes')}, "
           f"{len(m.skipped):,} skipped")
     for s in m.skipped:
         print(f"  skipped {s['path']}: {s['error']}", file=sys.stderr)
@@ -190,6 +187,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seed of the global sample order written (default 0); see --keep-order")
         sp.add_argument("--keep-order", action="store_true",
                         help="write samples in source order (an ImageFolder's is class-sorted: not for training)")
+        add_debug_flag(sp)
 
     f = sub.add_parser("imagefolder", help="ImageNet-style tree: class subfolders of images",
                        description="Shard an ImageFolder tree (class subfolders). Keeps JPEG/PNG bytes as they are.")
@@ -239,8 +237,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ShardError, ValueError, FileNotFoundError, FileExistsError) as exn:
-        print(f"make_shards: error: {exn}", file=sys.stderr)
-        sys.exit(2)
+    # ValueError here is about the input files (duplicate names, not an IDX file, bad labels)
+    sys.exit(run_cli(main, "python -m pipeline.make_shards", extra=(ValueError,)))

@@ -21,6 +21,8 @@ import argparse
 import csv
 import json
 import os
+import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -28,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -78,8 +81,51 @@ class DemoConfig(ConfigBase):
 
 # --------------------------------------------------------------------------- subprocess steps
 
+# Lines of a step's output shown on the console (the rest stays in its log): per-epoch lines
+# of student.train, the one-line reports of make_shards and the cache job, checkpoint notes.
+_SHOW = re.compile(r"^(epoch \d+/\d+|cache .* done|.*\d+ samples? in \d+ shards?|resume:|model\.checkpoint)")
+_BAR = re.compile(r"(\d+%)\|[^|]*\|")   # a tqdm bar: shown in place on a terminal, every 20 s otherwise
+
+
+class _Echo:
+    """Console view of one step's output, fed piece by piece (split at ``\\r`` and ``\\n``)."""
+
+    def __init__(self, name: str):
+        self.name, self.tty, self.inline, self.last_bar = name, sys.stdout.isatty(), False, 0.0
+
+    def __call__(self, line: str) -> None:
+        line = line.strip()
+        if _BAR.search(line):
+            now, bar = time.monotonic(), _BAR.sub(r"\1", line)
+            if self.tty:
+                print(f"\r[demo]   {self.name}: {bar}\x1b[K", end="", flush=True)
+                self.inline = True
+            elif now - self.last_bar >= 20.0:
+                self.last_bar = now
+                print(f"[demo]   {self.name}: {bar}", flush=True)
+        elif _SHOW.match(line):
+            self.close()
+            print(f"[demo]   {self.name}: {line}", flush=True)
+
+    def close(self) -> None:
+        if self.inline:
+            print(flush=True)
+            self.inline = False
+
+
+def _pieces(stream) -> Iterator[bytes]:
+    """Chunks of ``stream`` ending at ``\\n`` or ``\\r`` (tqdm redraws with ``\\r``), as they arrive."""
+    pending = b""
+    while chunk := stream.read1(65536):
+        pending += chunk
+        *done, pending = re.split(rb"(?<=[\r\n])", pending)
+        yield from (d for d in done if d)
+    if pending:
+        yield pending
+
+
 def run_step(name: str, cmd: list[str], cfg: DemoConfig, stdout: Path | None = None) -> float:
-    """Run ``cmd`` from the repo root, log to OUT/logs/<name>.log; return wall seconds.
+    """Run ``cmd`` from the repo root, log to OUT/logs/<name>.log, show its progress; return wall seconds.
 
     ``stdout``: keep the command's stdout in this file instead of the log (machine-readable output).
     """
@@ -89,11 +135,19 @@ def run_step(name: str, cmd: list[str], cfg: DemoConfig, stdout: Path | None = N
                RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), PYTHONUNBUFFERED="1")
     print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    with open(log_path, "w") as log, open(stdout or os.devnull, "w") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out if stdout else log, stderr=log)
+    echo = _Echo(name)
+    with open(log_path, "wb") as log, open(stdout or os.devnull, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out if stdout else subprocess.PIPE,
+                                stderr=log if stdout else subprocess.STDOUT)
+        if proc.stdout is not None:
+            for piece in _pieces(proc.stdout):
+                log.write(piece)
+                echo(piece.decode(errors="replace"))
+        proc.wait()
+    echo.close()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        tail = log_path.read_text()[-3000:]
+        tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"demo step {name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     print(f"[demo] {name}: done in {seconds:.0f} s (log {log_path})", flush=True)
     return seconds
@@ -290,17 +344,32 @@ def fresh(out: Path) -> None:
 # --------------------------------------------------------------------------- report
 
 def _fmt_seeds(entry: dict | None) -> tuple[str, str]:
+    """("per seed", "mean ± half-range"); one seed has no spread to show."""
     if entry is None:
         return "-", "-"
     per = " / ".join(f"{v:.2f}" for v in entry["per_seed"])
+    if len(entry["per_seed"]) == 1:
+        return per, f"{entry['mean']:.2f} (1 seed)"
     return per, f"{entry['mean']:.2f} ± {entry['spread']:.2f}"
+
+
+def run_counts(cfg: DemoConfig) -> str:
+    """How many student runs the config trains, as the README says it: "8 student runs (5 recipes, ...)"."""
+    runs = sum(spec.seeds for spec in cfg.runs.values())
+    multi = {spec.seeds for spec in cfg.runs.values() if spec.seeds > 1}
+    seeded = sum(spec.seeds > 1 for spec in cfg.runs.values())
+    text = f"{runs} student runs ({len(cfg.runs)} recipes"
+    if seeded:
+        text += f", {seeded} of them with {' or '.join(map(str, sorted(multi)))} seeds"
+    return text + ")"
 
 
 def table3_rows(results: dict) -> list[list[str]]:
     """DeiT Table 3 style: one row per (method, test tokens)."""
     t = results["teacher_train"]
-    rows = [["teacher: regnety_002 (stride-1 stem, 32 px)", "label", "-", f"{t['val_top1_fused']:.2f}",
-             f"{t['val_top1_fused']:.2f}", f"{results['timings']['teacher_train']:.0f}", f"{t['images_per_s']:.0f}"]]
+    rows = [["teacher: regnety_002 (stride-1 stem, 32 px)", "label", "-",
+             *_fmt_seeds({"per_seed": [t["val_top1_fused"]], "mean": t["val_top1_fused"]}),
+             f"{results['timings']['teacher_train']:.0f}", f"{t['images_per_s']:.0f}"]]
     for name, rec in results["runs"].items():
         s = rec["summary"]
         heads = [("cls", "val_top1_cls"), ("dist", "val_top1_dist"), ("cls+dist", "val_top1_fused")]
@@ -321,9 +390,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def render_markdown(results: dict) -> str:
     """results.md: Table 3, Table 4, cache/audit, cost, timings."""
     cfg = results["config"]
+    demo = DemoConfig.from_dict(cfg)
     parts = [f"# kdcache demo: Fashion-MNIST, {cfg['limit_train']} train / {cfg['limit_val']} val images, 32 px, CPU",
+             "", f"Config {results['config_file']}: teacher, one cache, {run_counts(demo)}. "
+             f"Machine: {results['machine']}. Whole demo {results['demo_seconds']:.0f} s "
+             f"({results['demo_seconds'] / 60:.1f} min).",
              "", "## DeiT Table 3 style: top-1 (%) on val", "",
-             _md_table(["method", "supervision", "test tokens", "top-1 per seed", "mean ± half-range",
+             _md_table(["method", "supervision", "test tokens", "top-1 per seed", "mean ± half-range (≥ 2 seeds)",
                         "wall s / run", "train img/s"], table3_rows(results))]
     t4 = results["table4"]
     names = list(t4)
@@ -352,37 +425,63 @@ def render_markdown(results: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+SEED_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
 def plot_comparison(results: dict, png: Path) -> None:
-    """Val top-1 vs epoch for every student run (one line per seed) + per-run curve PNGs."""
+    """Train loss and val top-1 vs epoch of every student run (+ the per-run curve PNGs).
+
+    One colour per method, one line style + marker per seed. The online-teacher runs are
+    drawn thin with hollow markers on top of the thick cached ones, so they stay visible
+    where the two are identical (hard distillation: they are, seed by seed).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from student.metrics import plot_curves
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(14, 5))
+    colors = plt.get_cmap("tab10").colors
     for i, (name, rec) in enumerate(results["runs"].items()):
         for s in rec["seeds"]:
             run_dir = Path(s["run_dir"])
             plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
             with open(run_dir / "metrics.csv", newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("train_images_per_s")]
-            ep = [float(r["epoch"]) for r in rows]
-            label = f"{name} s{s['seed']}"
-            style = dict(color=colors[i % len(colors)], linestyle="--" if rec["online"] else "-", label=label)
-            ax_loss.plot(ep, [float(r["train_base"]) for r in rows], **style)
+            line, marker = SEED_STYLES[s["seed"] % len(SEED_STYLES)]
+            style = dict(color=colors[i % len(colors)], linestyle=line, label=f"{name} s{s['seed']}")
+            if rec["online"]:
+                style.update(linewidth=1.5, marker=marker, markerfacecolor="none", markersize=9, zorder=4)
+            else:
+                style.update(linewidth=3.0, alpha=0.6, marker=marker, markersize=5, zorder=2)
+            ax_loss.plot([float(r["epoch"]) for r in rows], [float(r["train_base"]) for r in rows], **style)
             val = [(float(r["epoch"]), float(r["val_top1_fused"])) for r in rows if r.get("val_top1_fused")]
             if val:
-                ax_acc.plot(*zip(*val), marker="o", **style)
-    ax_acc.axhline(results["top1"]["teacher"], color="k", linestyle="--", label="teacher")
+                ax_acc.plot(*zip(*val), **style)
+    ax_acc.axhline(results["top1"]["teacher"], color="k", linestyle="--", linewidth=1, label="teacher")
     ax_loss.set(title="train loss vs labels (base term)", xlabel="epoch")
-    ax_acc.set(title="val top-1 (%), fused head", xlabel="epoch")
-    ax_acc.legend(fontsize=7)
+    ax_acc.set(title="val top-1 (%), fused head; thin hollow = teacher online", xlabel="epoch")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def next_steps(out: Path) -> list[str]:
+    """Commands to try next on this run's outputs: the README's Usage ones (they read runs/demo/)."""
+    moved = [] if out == REPO / "runs" / "demo" else [
+        f"data.train={out / 'data' / 'train'}", f"data.val={out / 'data' / 'val'}", f"cache.path={out / 'cache.zarr'}"]
+    train_cmd = "python -m student.train --config configs/student/fmnist_hard.yaml"
+    return [" ".join([train_cmd, *moved]),
+            " ".join([train_cmd, "loss.mode=soft loss.tau=3.0 run.out=runs/student/fmnist_soft_tau3", *moved]),
+            " ".join([train_cmd, "--resume", *moved]) + "   # continues it after an interruption",
+            f"python -m pipeline.audit {out / 'cache.zarr'} --samples 200"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -403,7 +502,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.save(out / "demo_config.yaml")
     t0 = time.perf_counter()
     data, teacher_dir, cache = out / "data", out / "teacher", out / "cache.zarr"
-    results: dict = {"config": cfg.to_dict(), "runs": {}, "timings": {}}
+    results: dict = {"config": cfg.to_dict(), "config_file": args.config, "runs": {}, "timings": {},
+                     "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {cfg.threads} torch threads per step"}
     timings = results["timings"]
 
     timings["shards"] = make_shards(cfg, data)
@@ -437,6 +537,9 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     print(md)
     print(f"[demo] wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'comparison.png'}")
+    print("[demo] next steps (README \"Usage\"; run from the repository root):")
+    for line in next_steps(out):
+        print(f"  {line}")
     return results
 
 

@@ -101,7 +101,9 @@ def _dig(tree: dict, dotted: str) -> Any:
 
 
 def _mismatch(path: str, field: str, expected: Any, found: Any) -> CacheMismatchError:
-    return CacheMismatchError(f"cache {path}: field {field}: expected {_short(expected)}, found {_short(found)}")
+    # "expected" is always the caller's side (the run being started), "found" the stored one
+    return CacheMismatchError(f"cache {path}: field {field}: expected {_short(expected)} (this run), "
+                              f"found {_short(found)} (in the cache)")
 
 
 def _shard_bounds(shards: Sequence[Any]) -> list[tuple[int, int]]:
@@ -443,6 +445,8 @@ class CacheReader(_CacheBase):
     epoch), and ``np.zeros`` pages are only touched for loaded shards.
     """
 
+    waited_s: float = 0.0  # seconds spent in wait_done, so throughput can leave them out
+
     def __init__(self, group: zarr.Group, path: str, cache_epochs: int = 2):
         super().__init__(group, path)
         self.cache_epochs = cache_epochs
@@ -541,6 +545,7 @@ class CacheReader(_CacheBase):
                     f"not done yet ({waited:.0f}s)")
                 last_log = now
             time.sleep(poll if timeout is None else max(0.0, min(poll, timeout - waited)))
+        self.waited_s += time.monotonic() - start
 
 
 def open_cache(path: str | os.PathLike, expect: dict | None = None, cache_epochs: int = 2) -> CacheReader:
@@ -564,3 +569,35 @@ def open_cache(path: str | os.PathLike, expect: dict | None = None, cache_epochs
         if _plain(expected) != _plain(found):
             raise _mismatch(path, field, expected, found)
     return reader
+
+
+def wait_for_cache(path: str | os.PathLike, timeout: float | None = None, poll: float = 2.0,
+                   log: Callable[[str], Any] | None = print) -> CacheReader:
+    """Open the cache at ``path`` once the caching job has created it, saying what it waits for.
+
+    For a student started together with the caching job (``cache.wait=true``): the job writes
+    the group only after checking its inputs and building its teacher. A group without its
+    ``done`` array is still being created and counts as absent.
+
+    Raises:
+        TimeoutError: no complete cache after ``timeout`` seconds.
+    """
+    path = os.fspath(path)
+    start = time.monotonic()
+    last_log = None
+    while True:
+        try:
+            if "done" in _open_group(path, mode="r"):
+                return open_cache(path)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            pass
+        now = time.monotonic()
+        waited = now - start
+        if timeout is not None and waited >= timeout:
+            raise TimeoutError(f"cache {path}: not created by the caching job after {waited:.0f}s "
+                               f"(cache.timeout_s={timeout:g})")
+        if log is not None and (last_log is None or now - last_log >= 30.0):
+            log(f"waiting for the caching job to create {path} ({waited:.0f}s"
+                + (f", timeout {timeout:g}s)" if timeout is not None else ", no timeout)"))
+            last_log = now
+        time.sleep(poll if timeout is None else max(0.0, min(poll, timeout - waited)))

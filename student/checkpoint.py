@@ -9,13 +9,16 @@ under ``rng`` itself, because stochastic depth draws from the global RNG of the 
 (CPU and every CUDA device), and restores it with :func:`set_rng_state`.
 
 Files in a run folder are named ``checkpoint-<N>.pt`` (N = epoch or step, the caller's choice;
-``latest_checkpoint`` picks the largest N) and optionally ``last.pt``.
+``latest_checkpoint`` picks the largest N) and optionally ``last.pt``. ``prune_checkpoints`` keeps
+the last few; ``mark_best`` makes ``best.pt`` name the best one (a hard link: no extra space
+while the numbered file is kept, and the weights stay when it is pruned).
 """
 from __future__ import annotations
 
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,13 @@ __all__ = [
     "restore",
     "rng_state",
     "set_rng_state",
+    "prune_checkpoints",
+    "mark_best",
+    "BEST_NAME",
 ]
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+BEST_NAME = "best.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -136,3 +143,32 @@ def set_rng_state(state: dict | torch.Tensor) -> None:
             raise CheckpointError(f"checkpoint holds RNG states of {len(cuda)} CUDA devices, "
                                   f"this process sees {available}")
         torch.cuda.set_rng_state_all(cuda)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete numbered checkpoints but the ``keep_last`` highest; returns the deleted paths.
+
+    ``best.pt`` and ``last.pt`` are not numbered and never deleted here.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (resume needs the latest), found {keep_last}")
+    run_dir = Path(run_dir)
+    numbered = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)))
+    doomed = [p for _, p in numbered[:-keep_last]]
+    for p in doomed:
+        p.unlink()
+    return doomed
+
+
+def mark_best(path: str | os.PathLike) -> Path:
+    """Make ``<run_dir>/best.pt`` the checkpoint ``path`` (hard link, else a copy), atomically."""
+    path = Path(path)
+    best = path.with_name(BEST_NAME)
+    tmp = path.with_name(f".{BEST_NAME}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, best)
+    return best

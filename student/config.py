@@ -9,7 +9,13 @@ Defaults follow the DeiT recipe: AdamW, lr = 5e-4 * global_batch / 512, weight d
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
+import textwrap
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig
@@ -145,11 +151,13 @@ class RunConfig(ConfigBase):
     epochs: int = 300
     eval_every: int = 1                # epochs; 0 = only at the end
     save_every: int = 1                # epochs between checkpoints (the last epoch always saves)
+    keep_last: int = 2                 # numbered checkpoints kept (older ones are deleted); >= 1
+    best_metric: str | None = "val_top1_fused"   # best.pt = the checkpoint with its highest value; null = none
     seed: int = 0                      # model init / drop-path RNG (the plan seed is data.seed)
     device: str = "auto"               # auto | cpu | cuda
     threads: int | None = None         # torch CPU threads (None = torch's default); 1 avoids oversubscription
     amp: str = "auto"                  # auto (bf16 on CUDA) | bf16 | fp16 | none
-    resume: bool = False               # continue from the latest checkpoint in run.out
+    resume: bool = False               # continue from the latest checkpoint in run.out (see student/resume.py)
     stop_epoch: int | None = None      # exit after this epoch (time-boxed jobs); --resume continues
     progress: bool = True              # tqdm bar with images/s
     log_every: int = 50                # steps between per-step metric rows (0 = epoch rows only)
@@ -161,6 +169,9 @@ class RunConfig(ConfigBase):
         check(self.threads is None or self.threads >= 1, "run.threads", "must be >= 1")
         check(self.log_every >= 0, "run.log_every", "must be >= 0")
         check(self.save_every >= 1, "run.save_every", "must be >= 1")
+        check(self.keep_last >= 1, "run.keep_last", f"must be >= 1 (resume needs the latest), found {self.keep_last}")
+        check(self.best_metric is None or re.fullmatch(r"val_(ema_)?top[15]_(cls|dist|fused)", self.best_metric),
+              "run.best_metric", f"must be val_[ema_]top1|top5_cls|dist|fused or null, found {self.best_metric!r}")
         check(self.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, found {self.device!r}")
         check(self.amp in ("auto", "bf16", "fp16", "none"), "run.amp", f"must be auto|bf16|fp16|none, found {self.amp!r}")
 
@@ -188,3 +199,28 @@ class TrainConfig(ConfigBase):
             check(self.data.aug is not None, "data.aug", "required when cache.path is not set")
             if needs_teacher:
                 check(self.teacher.model is not None, "teacher.model", "required for online mode without a cache")
+
+
+def _config_class(tp) -> type | None:
+    """The config class in an annotation (``AugConfig | None`` -> AugConfig), else None."""
+    return next((t for t in typing.get_args(tp) or (tp,) if isinstance(t, type) and issubclass(t, ConfigBase)), None)
+
+
+def sections_help() -> str:
+    """The epilog of --help: every config section, its keys, and the file documenting them."""
+    repo = Path(__file__).resolve().parents[1]
+    lines = ["config sections (keys set in the YAML file or as section.key=value overrides;",
+             "each key's default and meaning are commented in student/config.py):"]
+    for section, tp in typing.get_type_hints(TrainConfig).items():
+        cls = _config_class(tp)
+        lines.append(f"  {section:8} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        lines += textwrap.wrap(" ".join(f.name for f in dataclasses.fields(cls)), 90,
+                               initial_indent="           keys: ", subsequent_indent="                 ")
+        for key, sub in typing.get_type_hints(cls).items():  # nested configs document their own keys
+            inner = _config_class(sub)
+            if inner is not None:
+                where = Path(inspect.getsourcefile(inner)).resolve().relative_to(repo)
+                lines.append(f"           {section}.{key}: keys of {inner.__name__} in {where}")
+    lines += ["", "--resume continues the latest checkpoint of run.out; student/resume.py lists the keys that",
+              "may change on resume (workers, eval/log/plot settings, cache.wait...); others are refused."]
+    return "\n".join(lines)

@@ -58,7 +58,7 @@ def resolve_plan(cfg: TrainConfig, attrs: dict | None) -> ReplayPlan:
         )
     seed = int(attrs["seed"]) if data.seed is None else data.seed
     if seed != int(attrs["seed"]):
-        raise CacheMismatchError(f"{where}: field seed: expected {seed}, found {attrs['seed']}")
+        raise CacheMismatchError(f"{where}: field seed: expected {seed} (this run), found {attrs['seed']} (in the cache)")
     views = int(attrs["views"])
     if data.views is not None and data.views != views:
         raise CacheMismatchError(

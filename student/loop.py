@@ -59,6 +59,7 @@ class EpochStats:
     images: float = 0.0
     dropped: float = 0.0
     seconds: float = 0.0
+    wait_s: float = 0.0    # of ``seconds``, blocked on teacher-cache items not written yet
 
     def add(self, parts: dict, n: int) -> None:
         for key in self.sums:
@@ -70,9 +71,10 @@ class EpochStats:
         totals = dist.all_reduce_sum([self.sums[k] for k in names] + [self.images, self.dropped])
         images, dropped = totals[-2], totals[-1]
         out = {k: v / max(images, 1.0) for k, v in zip(names, totals)}
-        # Throughput of the slowest rank decides the global rate.
-        seconds = dist.all_reduce_max([self.seconds])[0]
-        out.update(images=images, dropped=dropped, images_per_s=images / max(seconds, 1e-9))
+        # Throughput of the slowest rank decides the global rate; time spent waiting for the
+        # caching job is not the student's speed, so it is left out and reported on its own.
+        busy, wait_s = dist.all_reduce_max([self.seconds - self.wait_s, self.wait_s])
+        out.update(images=images, dropped=dropped, images_per_s=images / max(busy, 1e-9), wait_s=wait_s)
         return out
 
 
@@ -97,14 +99,17 @@ def train_one_epoch(
     num_batches: int | None = None,
     on_step: Callable[[dict], None] | None = None,
     progress=None,
+    wait_clock: Callable[[], float] | None = None,
 ) -> dict:
     """Train over ``batches`` (dicts from :class:`student.data.TrainData`), updating ``state``.
 
     Every ``accum_steps`` micro-batches (and at the end of the epoch) the optimizer steps,
     the scheduler gets ``step_update(update)`` and the EMA follows the model.
+    ``wait_clock()`` gives the seconds spent so far waiting for the teacher cache (a counter);
+    images_per_s leaves that time out and ``wait_s`` reports it.
 
     Returns:
-        Epoch metrics reduced over ranks: loss, base, distill, images, dropped, images_per_s.
+        Epoch metrics reduced over ranks: loss, base, distill, images, dropped, images_per_s, wait_s.
 
     Raises:
         FloatingPointError: a non-finite loss, naming the epoch and step.
@@ -113,7 +118,8 @@ def train_one_epoch(
     stats = EpochStats()
     optimizer.zero_grad(set_to_none=True)
     pending = 0
-    start = time.perf_counter()
+    waited = wait_clock or (lambda: 0.0)
+    start, wait_start = time.perf_counter(), waited()
     for i, batch in enumerate(dist.lockstep(batches)):
         if num_batches is not None and i >= num_batches:
             break
@@ -154,7 +160,7 @@ def train_one_epoch(
         if on_step is not None:
             on_step({"epoch": state.epoch, "step": state.step, "update": state.update, "lr": optimizer.param_groups[0]["lr"], **parts})
         if progress is not None:
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start - (waited() - wait_start)
             progress.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{stats.images / max(elapsed, 1e-9):.0f}", refresh=False)
             progress.update(1)
     if pending:
@@ -166,6 +172,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update(model, step=state.update)
     stats.seconds = time.perf_counter() - start
+    stats.wait_s = waited() - wait_start
     metrics = stats.reduced()
     if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"non-finite mean loss at epoch {state.epoch}")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "plot_curves"]
+__all__ = ["MetricsLogger", "epoch_line", "plot_curves"]
 
 _FIXED = ["step", "epoch"]
 
@@ -83,6 +83,21 @@ class MetricsLogger:
             self._tb = None
 
 
+def epoch_line(done: int, total: int, m: dict, seconds: float) -> str:
+    """The console line of an epoch (all of it is in metrics.csv), e.g.
+    ``epoch 3/6: loss 0.8123, val top-1 61.20 (cls 58.10, dist 60.40), 352 img/s, 21 s``."""
+    text = f"epoch {done}/{total}: loss {m['train_loss']:.4f}"
+    if "val_top1_fused" in m:
+        heads = [f"{h} {m[f'val_top1_{h}']:.2f}" for h in ("cls", "dist") if f"val_top1_{h}" in m and "val_top1_dist" in m]
+        text += f", val top-1 {m['val_top1_fused']:.2f}" + (f" ({', '.join(heads)})" if heads else "")
+        if "val_ema_top1_fused" in m:
+            text += f", EMA {m['val_ema_top1_fused']:.2f}"
+    text += f", {m['train_images_per_s']:.0f} img/s"
+    if m.get("train_wait_s"):
+        text += f" (+{m['train_wait_s']:.1f} s waiting for the cache)"
+    return text + f", {seconds:.0f} s"
+
+
 def _read(path: Path) -> tuple[list[dict], list[str]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -107,7 +122,10 @@ def _number(text: str | None) -> float | None:
 
 
 def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Plot loss columns, ``lr`` and every ``*top1*`` column against ``step`` into a PNG."""
+    """Plot loss columns, ``lr`` and every ``*top1*`` column against ``step`` into a PNG.
+
+    A train column logged per step and per epoch (the epoch mean) is drawn as two lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,13 +137,18 @@ def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Non
         ("lr", [f for f in fields if f == "lr"]),
         ("top-1 (%)", [f for f in fields if "top1" in f]),
     ]
+    # Per-step rows carry the lr; epoch rows hold epoch means (and val), drawn as their own lines.
+    kinds = (("", [r for r in rows if _number(r.get("lr")) is not None]),
+             (" (epoch)", [r for r in rows if _number(r.get("lr")) is None]))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (title, cols) in zip(axes, panels):
         for col in cols:
-            pts = [(float(r["step"]), v) for r in rows if (v := _number(r.get(col))) is not None]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=col, marker="." if len(pts) < 50 else None)
+            for suffix, kind in kinds:
+                pts = [(float(r["step"]), v) for r in kind if (v := _number(r.get(col))) is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    label = col + (suffix if col.startswith("train_") else "")
+                    ax.plot(xs, ys, label=label, marker="." if len(pts) < 50 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.lines:

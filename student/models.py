@@ -7,14 +7,15 @@ in *distilled training* so that ``model.train()`` returns ``(cls, dist)`` (for
 from __future__ import annotations
 
 import math
-from typing import Any
+import re
+from typing import Any, Callable
 
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-__all__ = ["build_student", "is_distilled", "unwrap", "eval_heads", "load_for_finetune"]
+__all__ = ["build_student", "is_distilled", "unwrap", "eval_heads", "load_for_finetune", "describe_load"]
 
 
 def is_distilled(model: nn.Module) -> bool:
@@ -30,6 +31,7 @@ def build_student(
     drop_path_rate: float = 0.1,
     model_kwargs: dict[str, Any] | None = None,
     checkpoint: str | None = None,
+    log: Callable[[str], Any] | None = None,
 ) -> nn.Module:
     """Create a randomly initialised timm student (``pretrained=False``, no network).
 
@@ -41,9 +43,13 @@ def build_student(
         model_kwargs: extra timm kwargs (tiny CPU variants: ``patch_size``, ``embed_dim``,
             ``depth``, ``num_heads``...); ``stem_stride`` sets the first conv's stride (convnets);
             ``channels_last: true`` runs the model (weights and inputs) in channels_last.
-        checkpoint: optional state-dict file loaded with ``load_for_finetune``.
+        checkpoint: optional weights file loaded with :func:`load_for_finetune`.
+        log: where the checkpoint report goes (what was loaded, resized, re-initialised).
     Returns:
         The model; distilled DeiTs have distilled training enabled.
+    Raises:
+        ConfigError: unknown model name, or a ``model_kwargs`` key the architecture does not take.
+        CheckpointError: ``checkpoint`` does not fit the model (names the keys).
     """
     kwargs = dict(model_kwargs or {})
     # Not a timm kwarg: the stride of the first conv (1 for a 32 px convnet), as in TeacherConfig,
@@ -63,10 +69,14 @@ def build_student(
     if is_distilled(model):
         model.set_distilled_training(True)
     if checkpoint:
-        from student.checkpoint import load_checkpoint  # local: checkpoint imports nothing of ours
+        # local imports: checkpoint imports nothing of ours; teacher.model knows the wrappers
+        # checkpoints come in ({"model": sd}, {"state_dict": sd}, "module." prefixes)
+        from student.checkpoint import load_checkpoint
+        from teacher.model import unwrap_state_dict
 
-        state = load_checkpoint(checkpoint)
-        load_for_finetune(model, state.get("model", state))
+        report = load_for_finetune(model, unwrap_state_dict(load_checkpoint(checkpoint), checkpoint), checkpoint)
+        if log is not None:
+            log(describe_load(checkpoint, name, report))
     return model
 
 
@@ -75,18 +85,38 @@ def _inputs_channels_last(module: nn.Module, args: tuple) -> tuple:
                  for a in args)
 
 
+_UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
 def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
-    # ViT-family constructors need img_size to size their position embedding; most convnets
-    # reject the kwarg, so retry without it.
-    if "img_size" not in kwargs:
-        try:
-            return timm.create_model(
-                name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs
-            )
-        except TypeError as e:
-            if "img_size" not in str(e):
-                raise
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    """``timm.create_model``; a name or kwarg timm rejects becomes a ConfigError naming the key."""
+    from pipeline.config import ConfigError
+
+    try:
+        # ViT-family constructors need img_size to size their position embedding; most convnets
+        # reject the kwarg, so retry without it.
+        if "img_size" not in kwargs:
+            try:
+                return timm.create_model(
+                    name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs
+                )
+            except TypeError as e:
+                if "'img_size'" not in str(e):
+                    raise
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        bad = _UNEXPECTED_KWARG.search(str(e))
+        if bad is None:
+            raise
+        key = bad.group(1)
+        raise ConfigError(
+            f"model.model_kwargs.{key}: {name} does not take {key!r} (model_kwargs go to the timm "
+            f"constructor as they are; an override replaces the whole mapping: model.model_kwargs={{}} "
+            f"clears kwargs written for another architecture)") from None
+    except RuntimeError as e:
+        if "Unknown model" not in str(e):
+            raise
+        raise ConfigError(f"model.name: {name!r} is not a timm model name (timm.list_models() lists them)") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -121,41 +151,74 @@ def eval_heads(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
     return {"cls": out, "fused": out}
 
 
-def load_for_finetune(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, list[str]]:
-    """Load weights, resampling the absolute position embedding to the model's grid.
+def load_for_finetune(model: nn.Module, state_dict: dict[str, Tensor], source: str = "<checkpoint>") -> dict:
+    """Load weights strictly, allowing exactly two differences, and report what was done.
 
-    DeiT fine-tunes at a higher resolution than it trains (224 → 384): the patch grid grows,
-    so ``pos_embed`` is bicubically interpolated (prefix tokens kept). Classifier weights whose
-    shape differs (new ``num_classes``) are dropped and left at their initialisation.
+    Allowed: the absolute position embedding is resampled to the model's patch grid
+    (bicubic, prefix tokens kept), because DeiT fine-tunes at a higher resolution than it
+    trains (224 -> 384); and classifier heads whose shape differs (a new class count) keep
+    their initialisation. Anything else (a missing or unexpected key, another shape
+    mismatch) means the file was made for another model and is refused.
 
+    Args:
+        model: the freshly built student.
+        state_dict: the weights (already unwrapped).
+        source: the file, for messages.
     Returns:
-        ``{"missing": [...], "unexpected": [...], "dropped": [...]}``.
+        ``{"loaded": [keys], "resized": {key: (old_shape, new_shape)}, "reinitialised": [keys]}``.
+    Raises:
+        CheckpointError: naming the missing / unexpected / mis-shaped keys.
     """
+    from student.checkpoint import CheckpointError
+
     state = dict(state_dict)
     own = model.state_dict()
+    resized = {}
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-        grid = list(model.patch_embed.grid_size)
         old_tokens = state["pos_embed"].shape[1] - prefix
-        side = int(math.isqrt(old_tokens))
-        if side * side != old_tokens:
-            raise ValueError(
-                f"load_for_finetune: pos_embed has {old_tokens} patch tokens, not a square grid"
-            )
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=grid, old_size=[side, side], num_prefix_tokens=prefix
-        )
-    dropped = [
-        k for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    bad = [k for k in dropped if not k.startswith(("head", "fc.", "classifier"))]
-    if bad:
-        raise ValueError(
-            f"load_for_finetune: shape mismatch for {bad[0]}: checkpoint "
-            f"{tuple(state[bad[0]].shape)} vs model {tuple(own[bad[0]].shape)}"
-        )
-    for k in dropped:
-        del state[k]
-    result = model.load_state_dict(state, strict=False)
-    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "dropped": dropped}
+        side = math.isqrt(max(old_tokens, 0))
+        # Resizable: same width and prefix tokens, a square grid; else it is reported as a mismatch.
+        if side * side == old_tokens and state["pos_embed"].shape[2] == own["pos_embed"].shape[2]:
+            old_shape = tuple(state["pos_embed"].shape)
+            state["pos_embed"] = resample_abs_pos_embed(
+                state["pos_embed"], new_size=list(model.patch_embed.grid_size), old_size=[side, side],
+                num_prefix_tokens=prefix)
+            resized["pos_embed"] = (old_shape, tuple(own["pos_embed"].shape))
+    heads = _classifier_names(model)
+    mis_shaped = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    reinit = [k for k in mis_shaped if k.rsplit(".", 1)[0] in heads]
+    bad_shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mis_shaped if k not in reinit]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or bad_shapes:
+        parts = [f"{source} does not fit {type(model).__name__}"]
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", bad_shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {what} ({_first(keys)})")
+        raise CheckpointError("; ".join(parts) + ". Allowed differences: a classifier head for another class "
+                              "count, a position embedding for another resolution")
+    for k in reinit:
+        state[k] = own[k]
+    model.load_state_dict(state, strict=True)
+    return {"loaded": [k for k in state if k not in reinit], "resized": resized, "reinitialised": reinit}
+
+
+def describe_load(source: str, name: str, report: dict) -> str:
+    """One line: what :func:`load_for_finetune` loaded, resized and re-initialised."""
+    text = f"model.checkpoint {source}: loaded {len(report['loaded'])} tensors into {name}"
+    for key, (old, new) in report["resized"].items():
+        text += f"; resized {key} {old} -> {new}"
+    if report["reinitialised"]:
+        text += f"; re-initialised {', '.join(report['reinitialised'])} (another class count)"
+    return text
+
+
+def _classifier_names(model: nn.Module) -> set[str]:
+    """Module names of the classifier head(s), from timm's pretrained_cfg (``('head', 'head_dist')``)."""
+    names = getattr(unwrap(model), "pretrained_cfg", {}).get("classifier") or ("head", "fc", "classifier")
+    return {names} if isinstance(names, str) else set(names)
+
+
+def _first(keys: list[str], limit: int = 5) -> str:
+    return ", ".join(keys[:limit]) + (f", ... +{len(keys) - limit} more" if len(keys) > limit else "")

@@ -8,43 +8,62 @@
 Reads top to bottom: config -> data (+ cache guard) -> teacher targets -> model/loss/optim ->
 resume -> epochs (train, eval, log, checkpoint) -> curves. The pieces live in importable modules.
 """
+# (argparse shows the first line of this docstring; the epilog lists the config sections.)
 from __future__ import annotations
 
 import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.cli import add_debug_flag, plural, run_cli
 from pipeline.config import load_config
+from storage import wait_for_cache
 from student import distributed
-from student.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, restore, rng_state,
-                                save_checkpoint, set_rng_state)
-from student.config import TrainConfig
+from student.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, mark_best, prune_checkpoints,
+                                restore, rng_state, save_checkpoint, set_rng_state)
+from student.config import TrainConfig, sections_help
 from student.data import TrainData, load_manifest, make_val_loader, open_checked_cache, resolve_plan
 from student.evaluate import evaluate
 from student.losses import DistillationLoss
 from student.loop import LoopState, resolve_precision, train_one_epoch
-from student.metrics import MetricsLogger, plot_curves
+from student.metrics import MetricsLogger, epoch_line, plot_curves
 from student.models import build_student
 from student.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
+from student.resume import check_fresh_run_dir, check_resume, run_identity
 from student.targets import build_targets_fn
 
+PROG = "python -m student.train"
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) the training described by ``cfg``; returns the last epoch's metrics."""
+
+def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
+    """Run (or resume) the training described by ``cfg``; returns the last epoch's metrics.
+
+    Args:
+        cfg: the run.
+        force_resume: with ``cfg.run.resume``, continue even if the config changes the run's
+            meaning (student/resume.py lists what may change).
+    """
     device = _device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     dist = distributed.init(device.type)
     log = print if dist.is_main else (lambda *a, **k: None)
+    run_dir = Path(cfg.run.out)
+    if not cfg.run.resume:
+        check_fresh_run_dir(run_dir)
 
     # Data: the cache guard runs before anything is built, naming the mismatching field.
     manifest = load_manifest(cfg.data.train)
+    if cfg.cache.path and cfg.cache.wait:  # started together with the caching job
+        wait_for_cache(cfg.cache.path, cfg.cache.timeout_s, cfg.cache.poll_s, log)
     reader, plan = open_checked_cache(cfg, manifest) if cfg.cache.path else (None, resolve_plan(cfg, None))
+    identity = run_identity(manifest.sha256, reader.attrs if reader is not None else None)
     targets_fn, joins_cache = build_targets_fn(cfg, plan, reader, manifest.num_classes, device, log)
     teacher_size = getattr(targets_fn, "input_size", None)
     extra_size = teacher_size if teacher_size not in (None, cfg.data.img_size) else None
@@ -59,7 +78,7 @@ def train(cfg: TrainConfig) -> dict:
     # Model, loss, optimisation (DeiT recipe). Re-seeded: an online teacher's init must not shift it.
     torch.manual_seed(cfg.run.seed)
     model = build_student(cfg.model.name, manifest.num_classes, cfg.data.img_size, cfg.model.drop_path_rate,
-                          cfg.model.model_kwargs, cfg.model.checkpoint).to(device)
+                          cfg.model.model_kwargs, cfg.model.checkpoint, log=log).to(device)
     loss_fn = DistillationLoss(cfg.loss.mode, manifest.num_classes, cfg.loss.alpha, cfg.loss.tau,
                                cfg.loss.label_smoothing, cfg.loss.teacher_label_smoothing)
     o = cfg.optim
@@ -71,16 +90,22 @@ def train(cfg: TrainConfig) -> dict:
     precision = resolve_precision(cfg.run.amp, device)
 
     # Resume from the latest checkpoint at an epoch boundary.
-    run_dir = Path(cfg.run.out)
-    state = LoopState()
+    state, best = LoopState(), None
     if cfg.run.resume:
-        state = _resume(run_dir, model, optimizer, scheduler, ema, precision.scaler, log)
+        state, best = _resume(run_dir, cfg, identity, force_resume, model, optimizer, scheduler, ema,
+                              precision.scaler, log)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=state.step if cfg.run.resume else None)
+    # Rows after the checkpoint we start from belong to no checkpoint (all of them on a fresh run).
+    logger = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=state.step)
+    end = min(cfg.run.epochs, cfg.run.stop_epoch or cfg.run.epochs)
     log(f"student {cfg.model.name}: loss={cfg.loss.mode} teacher={cfg.teacher.mode if cfg.loss.mode != 'none' else 'unused'} lr={lr:.3g} "
-        f"{num_batches} batches x {data.batch_size} x {dist.world_size} rank(s) per epoch, epochs {state.epoch}..{cfg.run.epochs - 1}")
+        f"{plural(num_batches, 'batch', 'batches')} x {data.batch_size} x {plural(dist.world_size, 'rank')} per epoch, "
+        f"epochs {state.epoch + 1}..{end} of {cfg.run.epochs} -> {run_dir}")
+    if state.epoch >= end:
+        log(f"{run_dir}: {state.epoch}/{cfg.run.epochs} epochs done"
+            + (f" (run.stop_epoch={cfg.run.stop_epoch})" if end < cfg.run.epochs else "") + ", nothing to run")
 
     net = DistributedDataParallel(model) if dist.world_size > 1 else model
     on_step = None
@@ -90,31 +115,42 @@ def train(cfg: TrainConfig) -> dict:
                 logger.log(m.pop("step"), m.pop("epoch"), **{f"train_{k}" if k != "lr" else k: v for k, v in m.items()})
 
     metrics: dict = {}
+    wait_clock = (lambda: reader.waited_s) if joins_cache else None
     try:
-        for epoch in range(state.epoch, min(cfg.run.epochs, cfg.run.stop_epoch or cfg.run.epochs)):
+        for epoch in range(state.epoch, end):
             state.epoch = epoch
+            started = time.perf_counter()
             bar = _progress(cfg, dist.is_main, num_batches, epoch)
             metrics = train_one_epoch(
                 net, data.batches(epoch), loss_fn, targets_fn, optimizer, scheduler, ema, state,
                 device=device, precision=precision, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
-                num_batches=num_batches, on_step=on_step, progress=bar)
+                num_batches=num_batches, on_step=on_step, progress=bar, wait_clock=wait_clock)
             if bar is not None:
                 bar.close()
             scheduler.step(epoch + 1)
             state.epoch = epoch + 1
             metrics = {f"train_{k}": v for k, v in metrics.items()}
             if metrics["train_dropped"]:
-                log(f"epoch {epoch}: dropped {int(metrics['train_dropped'])} rows marked invalid in the cache")
+                log(f"epoch {state.epoch}/{cfg.run.epochs}: dropped {plural(int(metrics['train_dropped']), 'row')} "
+                    "marked invalid in the cache or not decodable")
             last = state.epoch == cfg.run.epochs
             if cfg.data.val and ((cfg.run.eval_every and state.epoch % cfg.run.eval_every == 0) or last):
                 metrics.update(_evaluate(cfg, model, ema, plan.aug, device, precision, dist))
             logger.log(state.step, state.epoch, **metrics)
-            log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            log(epoch_line(state.epoch, cfg.run.epochs, metrics, time.perf_counter() - started))
             if dist.is_main and (state.epoch % cfg.run.save_every == 0 or last):
-                save_checkpoint(checkpoint_path(run_dir, state.epoch), model=model, optimizer=optimizer,
-                                scheduler=scheduler, scaler=precision.scaler, ema=ema, epoch=state.epoch,
-                                step=state.step, update=state.update, data={"plan_epoch_next": data.plan_epoch(state.epoch)},
-                                rng=rng_state(), config=cfg.to_dict())
+                value = metrics.get(cfg.run.best_metric) if cfg.run.best_metric else None
+                improved = value is not None and (best is None or value > best["value"])
+                if improved:
+                    best = {"metric": cfg.run.best_metric, "value": value, "epoch": state.epoch}
+                path = save_checkpoint(
+                    checkpoint_path(run_dir, state.epoch), model=model, optimizer=optimizer, scheduler=scheduler,
+                    scaler=precision.scaler, ema=ema, epoch=state.epoch, step=state.step, update=state.update,
+                    data={"plan_epoch_next": data.plan_epoch(state.epoch)}, rng=rng_state(),
+                    config=cfg.to_dict(), identity=identity, best=best)
+                if improved:
+                    mark_best(path)
+                prune_checkpoints(run_dir, cfg.run.keep_last)
             distributed.barrier()
     finally:
         logger.close()
@@ -124,17 +160,20 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def _resume(run_dir: Path, model, optimizer, scheduler, ema, scaler, log) -> LoopState:
+def _resume(run_dir: Path, cfg: TrainConfig, identity: dict, force: bool, model, optimizer, scheduler, ema,
+            scaler, log) -> tuple[LoopState, dict | None]:
+    """Restore the latest checkpoint of ``run_dir`` (refusing a config that changes the run)."""
     path = latest_checkpoint(run_dir)
     if path is None:
         log(f"resume: no checkpoint in {run_dir}, starting from scratch")
-        return LoopState()
+        return LoopState(), None
     ckpt = load_checkpoint(path)
+    check_resume(ckpt, path, cfg.to_dict(), identity, force, log)
     restore(ckpt, path, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler)
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])  # drop path draws from the global RNG of its device
     log(f"resume: {path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
-    return LoopState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), update=int(ckpt["update"]))
+    return LoopState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), update=int(ckpt["update"])), ckpt.get("best")
 
 
 def _evaluate(cfg, model, ema, aug, device, precision, dist) -> dict:
@@ -164,17 +203,21 @@ def _progress(cfg, is_main: bool, total: int, epoch: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m student.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], epilog=sections_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/student/*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="--resume even if the config changes what the run means (model, loss, data, schedule)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the schedule (images, steps, cache epochs per student epoch, warmup/cosine) "
                              "from the manifest and cache attrs; build no model, read no image")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks for --dry-run (default: WORLD_SIZE from torchrun, else 1)")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.mode=soft run.epochs=3")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume or args.force_resume else [])
     cfg = load_config(TrainConfig, args.config, overrides)
     if args.dry_run:
         from student.dryrun import format_report, schedule_report
@@ -182,8 +225,13 @@ def main(argv: list[str] | None = None) -> dict:
         report = schedule_report(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
         print(format_report(report, args.config or ""))
         return report
-    return train(cfg)
+    return train(cfg, force_resume=args.force_resume)
 
+
+HINTS = {
+    "ConfigError": f"{PROG} --help lists the config sections and keys (documented in student/config.py)",
+    "CacheNotReady": "cache.wait=true waits for the caching job to write what is missing",
+}
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    sys.exit(run_cli(main, PROG, hints=HINTS))

@@ -60,7 +60,8 @@ def test_load_for_finetune_32_to_48(tmp_path):
     big = build_student(DEIT, 10, 48, model_kwargs=TINY)
     assert small.pos_embed.shape[1] == 2 + 8 * 8 and big.pos_embed.shape[1] == 2 + 12 * 12
     result = load_for_finetune(big, small.state_dict())
-    assert result["missing"] == [] and result["unexpected"] == [] and result["dropped"] == []
+    assert result["reinitialised"] == [] and len(result["loaded"]) == len(big.state_dict())
+    assert result["resized"] == {"pos_embed": ((1, 2 + 8 * 8, 96), (1, 2 + 12 * 12, 96))}
     torch.testing.assert_close(big.pos_embed[:, :2], small.pos_embed[:, :2])  # prefix tokens kept
     torch.testing.assert_close(big.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
     big.eval()

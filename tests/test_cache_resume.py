@@ -1,0 +1,67 @@
+"""Re-running the caching job: a resume does not depend on how paths are spelled (compared by the
+manifest and checkpoint sha256 they point to); nothing left to do says so and exits 0; a real
+difference is refused in one line that says which side is the run and which the cache.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ray = pytest.importorskip("ray")
+
+from pipeline.cache import (CacheJobConfig, HINTS, PROG, cache_attrs, main, make_teacher,  # noqa: E402
+                            open_writer, run_job)
+from pipeline.cli import run_cli  # noqa: E402
+from pipeline.shards import load_manifest  # noqa: E402
+from pipeline.work import run_item  # noqa: E402
+from storage import open_cache  # noqa: E402
+from teacher.model import TeacherConfig, create_model  # noqa: E402
+from test_cache_job import TINY_TEACHER, ray_session  # noqa: E402,F401  (the module's embedded Ray)
+
+
+def test_resume_under_another_spelling_then_nothing_to_do(ray_session, fmnist_shards, tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "weights" / "teacher.pt"
+    ckpt.parent.mkdir()
+    torch.save(create_model(TeacherConfig(**TINY_TEACHER)).state_dict(), ckpt)
+    first = CacheJobConfig.from_dict(dict(
+        shards=str(fmnist_shards / "train"), out=str(tmp_path / "c.zarr"), epochs=2, views=1, k=3,
+        batch_size=64, num_workers=0, actors=1, teacher={**TINY_TEACHER, "checkpoint": str(ckpt)}))
+    manifest = load_manifest(first.shards)
+    writer, teacher = open_writer(first, manifest, cache_attrs(first, manifest)), make_teacher(first)
+    for s in range(len(manifest.shards)):              # epoch 0 done under the absolute spelling
+        run_item(first, 0, s, teacher=teacher, writer=writer, manifest=manifest)
+
+    # The same inputs spelled otherwise: shards through a symlink, relative to the cwd; the
+    # checkpoint as a byte-identical copy elsewhere.
+    (tmp_path / "link").symlink_to(fmnist_shards, target_is_directory=True)
+    copy = tmp_path / "elsewhere.pt"
+    shutil.copyfile(ckpt, copy)
+    monkeypatch.chdir(tmp_path)
+    other = first.replace(shards="link/train", out="c.zarr",
+                          teacher=first.teacher.replace(checkpoint="elsewhere.pt"))
+    summary = run_job(other, progress=False)
+    assert summary["items_done_before"] == 4 and summary["items_run"] == 4 == summary["items_total"] - 4
+    stored = open_cache("c.zarr").attrs["job"]
+    assert stored["shards"] == str(fmnist_shards / "train") and stored["teacher"]["checkpoint"] == str(ckpt)
+
+    # Nothing left: one line, exit 0, and summary.json keeps the figures of the run that did the work.
+    before = (tmp_path / "c.zarr" / "summary.json").read_text()
+    cfg_file = tmp_path / "job.yaml"
+    other.save(cfg_file)
+    capsys.readouterr()
+    assert run_cli(main, PROG, ["--config", str(cfg_file), "--no-progress"], hints=HINTS) == 0
+    assert capsys.readouterr().out == f"cache {tmp_path / 'c.zarr'}: 8/8 items done, nothing to run\n"
+    assert (tmp_path / "c.zarr" / "summary.json").read_text() == before
+
+    # A real difference (another k) is refused in one line naming both sides, and nothing is lost.
+    assert run_cli(main, PROG, ["--config", str(cfg_file), "k=5"], hints=HINTS) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"python -m pipeline.cache: error: cache {tmp_path / 'c.zarr'}: field k: "
+                      "expected 5 (this run), found 3 (in the cache)")
+    assert err[1].startswith("  hint: a cache resumes only under the job config that made it")
+    assert open_cache("c.zarr").done_items() == {(e, s) for e in range(2) for s in range(4)}
