@@ -576,8 +576,9 @@ def wait_for_cache(path: str | os.PathLike, timeout: float | None = None, poll: 
     """Open the cache at ``path`` once the caching job has created it, saying what it waits for.
 
     For a student started together with the caching job (``cache.wait=true``): the job writes
-    the group only after checking its inputs and building its teacher. A group without its
-    ``done`` array is still being created and counts as absent.
+    the group only after checking its inputs and building its teacher, and a learned tail's basis
+    before its first item. A group without its ``done`` array is still being created and counts
+    as absent; one whose tail basis is not written yet is not ready either.
 
     Raises:
         TimeoutError: no complete cache after ``timeout`` seconds.
@@ -588,7 +589,9 @@ def wait_for_cache(path: str | os.PathLike, timeout: float | None = None, poll: 
     while True:
         try:
             if "done" in _open_group(path, mode="r"):
-                return open_cache(path)
+                reader = open_cache(path)
+                if reader.has_tail():
+                    return reader
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             pass
         now = time.monotonic()

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from pipeline.config import ConfigError
+from storage import CacheMismatchError
 from teacher.fidelity import advice
 from teacher.targets import TeacherTargets, targets_from_logits
 
@@ -91,8 +93,9 @@ def build_targets_fn(cfg, plan, reader, num_classes: int, device, log: Callable[
     # Fed the plan's normalization, exactly like pipeline.cache.make_teacher.
     teacher = build_teacher(tcfg, device=str(device), k=k, input_mean=plan.aug.mean, input_std=plan.aug.std)
     if reader is not None and teacher.checkpoint_sha256 != reader.attrs.get("checkpoint_sha256"):
-        raise ValueError(f"cache {cfg.cache.path}: field checkpoint_sha256: online teacher has "
-                         f"{teacher.checkpoint_sha256}, the cache was scored with {reader.attrs.get('checkpoint_sha256')}")
+        raise CacheMismatchError(
+            f"cache {cfg.cache.path}: field checkpoint_sha256: expected {teacher.checkpoint_sha256} (this run's "
+            f"online teacher), found {reader.attrs.get('checkpoint_sha256')} (in the cache)")
     if teacher.checkpoint_sha256 == "random":
         log(f"warning: online teacher {tcfg.name} has no checkpoint (random init, not the cache's weights)")
     log(f"online teacher: {'full distribution (k = C)' if k == num_classes else f'emulating a top-{k} cache'}")
@@ -118,5 +121,6 @@ def report_fidelity(reader, tau: float, log: Callable[[str], None] = print) -> d
 def _job_teacher(attrs: dict, path) -> dict:
     job = attrs.get("job") or {}
     if "teacher" not in job:
-        raise KeyError(f"cache {path}: attrs hold no job config with a teacher section; set teacher.model")
+        raise ConfigError(f"teacher.model: cache {path} holds no job config with a teacher section; "
+                          f"set teacher.model for online mode")
     return job["teacher"]

@@ -28,9 +28,12 @@ def test_student_started_before_the_store_exists(fmnist_shards, tmp_path, capsys
     manifest = load_manifest(job.shards)
 
     def caching_job():                      # starts 1.5 s after the student, writes items 4 s later
+        from pipeline.calibrate import calibrate_tail
+
         time.sleep(1.5)
         writer = open_writer(job, manifest, cache_attrs(job, manifest))
         teacher = make_teacher(job)
+        calibrate_tail(job, manifest, teacher, writer)   # as the job does before handing out items
         time.sleep(4.0)
         for epoch in range(job.epochs):
             for s in range(len(manifest.shards)):
@@ -60,6 +63,24 @@ def test_wait_for_the_store_times_out_naming_it(tmp_path):
     with pytest.raises(TimeoutError, match=r"absent\.zarr: not created by the caching job after 0s \(cache\.timeout_s=0\.3\)"):
         wait_for_cache(tmp_path / "absent.zarr", timeout=0.3, poll=0.1, log=None)
     assert time.monotonic() - start < 5.0
+
+
+def test_a_store_waits_for_its_tail_basis(tmp_path):
+    """A cache with a learned tail is not ready until the job has written the basis (before its
+    first item): a student that opened it earlier could not rebuild a single target."""
+    import numpy as np
+
+    from storage import create_cache
+    from teacher.tail import TailModel
+
+    path = tmp_path / "tailed.zarr"
+    writer = create_cache(path, shards=[(0, 8)], shard_size=8, num_samples=8, epochs=1, views=1, k=2,
+                          num_classes=10, attrs={}, tail_dim=3)
+    with pytest.raises(TimeoutError, match="tailed.zarr"):
+        wait_for_cache(path, timeout=0.3, poll=0.1, log=None)
+    logits = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    writer.write_tail(TailModel.fit(logits, 3, 3.5))
+    assert wait_for_cache(path, timeout=5, poll=0.1, log=None).has_tail()
 
 
 class _Clock:
