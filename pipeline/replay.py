@@ -36,7 +36,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.plan import AugConfig, apply, mix, mix_pairs, sample_params, soft_label
+from pipeline.plan import AugConfig, AugParams, apply, mix, mix_pairs, sample_params, soft_label
 from pipeline.shards import (
     Manifest,
     RawSample,
@@ -87,6 +87,7 @@ def replay_items(
     skipped: SkipSink = None,
     decoded: dict | None = None,
     pairs: Sequence[tuple[int, int]] | None = None,
+    premixed: Callable[[int], tuple[AugParams, torch.Tensor] | SampleError] | None = None,
 ) -> Iterator[ReplayItem]:
     """Augmented, mixed items of one shard for one (epoch, view), in mix-pair order.
 
@@ -103,6 +104,9 @@ def replay_items(
         pairs: a contiguous slice of ``mix_pairs(seed, epoch, view, shard)`` to replay
             (default: all of them), so one view can be spread over several processes;
             pixels do not depend on the slicing.
+        premixed: optional source of pre-mix images made elsewhere, e.g. by decode workers
+            (``pipeline.premix``): ``sid -> (params, apply's float image)`` or the sample's
+            SampleError; then nothing is decoded or augmented here, only mixed.
 
     Yields:
         ReplayItem per usable sample; each pre-mix image is augmented exactly once.
@@ -116,7 +120,13 @@ def replay_items(
     augmented: dict[int, torch.Tensor] = {}
     params: dict[int, object] = {}
 
-    def image_of(sid: int) -> Image.Image | SampleError:
+    made: dict[int, tuple | SampleError] = {}  # this view's pre-mix images from ``premixed``
+
+    def image_of(sid: int) -> Image.Image | tuple | SampleError:
+        if premixed is not None:
+            if sid not in made:
+                made[sid] = premixed(sid)
+            return made[sid]
         if sid not in decoded:
             try:
                 decoded[sid] = decode_image(by_id[sid])
@@ -126,12 +136,18 @@ def replay_items(
 
     def augmented_of(sid: int) -> torch.Tensor:
         if sid not in augmented:
-            augmented[sid] = apply(image_of(sid), params_of(sid), out_size, cfg)
+            if premixed is not None:
+                augmented[sid] = image_of(sid)[1]
+            else:
+                augmented[sid] = apply(image_of(sid), params_of(sid), out_size, cfg)
         return augmented[sid]
 
     def params_of(sid: int):
         if sid not in params:
-            params[sid] = sample_params(cfg, seed, epoch, sid, view, image_of(sid).size)
+            if premixed is not None:
+                params[sid] = image_of(sid)[0]
+            else:
+                params[sid] = sample_params(cfg, seed, epoch, sid, view, image_of(sid).size)
         return params[sid]
 
     def record(sid: int, reason: str) -> dict:
@@ -162,6 +178,7 @@ def replay_items(
             if uses[sid] == 0:
                 augmented.pop(sid, None)
                 params.pop(sid, None)
+                made.pop(sid, None)
 
 
 # --------------------------------------------------------------------------- loader stages

@@ -6,6 +6,7 @@ in *distilled training* so that ``model.train()`` returns ``(cls, dist)`` (for
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -34,7 +35,8 @@ def build_student(
     """Create a randomly initialised timm student (``pretrained=False``, no network).
 
     Args:
-        name: timm model name, e.g. ``deit_small_distilled_patch16_224`` or ``resnet18``.
+        name: timm model name, e.g. ``deit_small_distilled_patch16_224`` or ``resnet18``, or
+            ``module:fn`` called with ``num_classes``, ``img_size`` and the kwargs.
         num_classes: C.
         img_size: training resolution; passed to ViT-family models (convnets ignore it).
         drop_path_rate: stochastic depth.
@@ -76,6 +78,9 @@ def _inputs_channels_last(module: nn.Module, args: tuple) -> tuple:
 
 
 def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
+    if ":" in name:  # "module:fn", e.g. the bench-only teacher.simulated:sleeping_net
+        module, _, fn = name.partition(":")
+        return getattr(importlib.import_module(module), fn)(num_classes=num_classes, img_size=img_size, **kwargs)
     # ViT-family constructors need img_size to size their position embedding; most convnets
     # reject the kwarg, so retry without it.
     if "img_size" not in kwargs:
