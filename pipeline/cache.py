@@ -54,7 +54,9 @@ from pipeline.job import (  # noqa: F401  (the job's config and provenance, re-e
     package_version,
 )
 from pipeline.pool import BrokenProcessPool
-from pipeline.work import ItemFeed, run_item
+from pipeline.feed import ItemFeed
+from pipeline.work import run_item
+from teacher.device import pin_memory
 
 FORMAT_NOTE = "kdcache teacher cache"
 FAULT_ENV = "KDCACHE_FAULT_EXIT_ONCE"  # test hook: path of a marker file, see pipeline.work
@@ -81,7 +83,7 @@ class TeacherWorker:
         self.cfg = CacheJobConfig.from_dict(cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.manifest = load_manifest(self.cfg.shards)
-        self.feed = ItemFeed(self.cfg, self.manifest, self.cfg.teacher.input_size)
+        self.feed = ItemFeed(self.cfg, self.manifest, self.cfg.teacher.input_size, pin=pin_memory(self.device))
         self.teacher = make_teacher(self.cfg, self.device)
         self.writer = open_writer(self.cfg, self.manifest, attrs)
         self.fault_marker = fault_marker

@@ -67,3 +67,15 @@ def rgb_shards(tmp_path_factory) -> Path:
     classes, files = scan_imagefolder(src)
     write_shards(imagefolder_samples(src, files), base / "shards", "train", classes, 8, source="rgb fixture")
     return base / "shards"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped (with the reason) where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); no GPU here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

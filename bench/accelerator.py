@@ -1,0 +1,336 @@
+"""Does the data path keep an accelerator busy? Replay speed, caching job and student, measured
+against a simulated accelerator (``teacher/simulated.py``: a forward that sleeps batch / rate).
+
+    python bench/accelerator.py            # ~8 min on 2 CPU cores; writes bench/results/accelerator.json
+
+Data: ImageNet-like JPEG shards made from the real photos skimage and matplotlib ship offline
+(10 photos; each image a different random crop at an ImageNet-typical size such as 500x375,
+375x500, 500x333, 500x500, random flip, JPEG q90), 224 px, the full DeiT-B plan (RRC, flip,
+rand-m9-mstd0.5-inc1, erasing 0.25, Mixup 0.8 / CutMix 1.0), 3 views per sample.
+
+Every figure is a ratio of things measured side by side in this run:
+
+* ``replay_capacity_per_core``: images/s of one core running the caching job's replay
+  (``pipeline.work.ItemFeed`` without workers): each sample decoded once, 3 views
+  (``sample_params`` + ``augment`` + ``finish``), mixed with its planned partner.
+  ``timm_per_core``: one core decoding the same bytes once per view and running timm's
+  ``create_transform`` with DeiT's arguments, as DeiT's repeated-augmentation loader does
+  (its Mixup/CutMix runs batched on the GPU, so it is not counted). ``replay_over_timm`` =
+  the ratio (goal >= 1.2), from interleaved rounds, CPU time of this single-threaded process.
+* ``worker_capacity``: images/s of one core running the part of the replay the job's workers
+  run (decode once + 3 x augment, ``pipeline.premix``); the rest (normalize, erase, mix)
+  runs in the teacher's process beside the simulated forward.
+* ``cache_eff_teacher_bound``: steady images/s of ``pipeline.cache.run_job`` (embedded Ray,
+  1 actor, ``num_workers`` replay processes, 8+ items so item boundaries count) divided by
+  the simulated teacher's rate, set to half the workers' capacity (goal >= 0.9);
+  ``cache_eff_cpu_bound``: the same job's images/s divided by the workers' capacity, with the
+  teacher at twice it (goal >= 0.9). ``cluster_*``: the same with ``replay: ray`` (replay as
+  Ray tasks, results through the object store).
+* ``student_eff_step_bound`` / ``student_eff_cpu_bound``: a cached student
+  (``student.train.train``, loss hard) whose model is the simulated accelerator (the step
+  sleeps batch / rate), images/s divided by the step rate (set to half the loader's capacity,
+  ``data.num_workers`` x ``replay_capacity_per_core``) or by the loader's capacity (step at twice
+  it). Images/s is the difference of two runs of different length, so start-up cancels.
+
+On 2 cores: 1 replay worker, the other core for the teacher's (or student's) process.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from pipeline.job import CacheJobConfig  # noqa: E402
+from pipeline.plan import AugConfig  # noqa: E402
+from pipeline.premix import premix  # noqa: E402
+from pipeline.shards import SourceSample, decode_image, load_manifest, read_shard, write_shards  # noqa: E402
+
+SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (333, 500), (500, 400), (640, 480), (500, 281))
+SIZE_WEIGHTS = (0.40, 0.15, 0.15, 0.10, 0.05, 0.05, 0.05, 0.05)
+VIEWS, OUT, CLASSES, BATCH = 3, 224, 1000, 64
+SIMULATED = "teacher.simulated:sleeping_net"
+
+
+def photos() -> list[np.ndarray]:
+    """The real RGB photos available offline."""
+    import matplotlib.cbook
+    import skimage.data as data
+
+    out = [getattr(data, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
+                                         "hubble_deep_field", "retina")]
+    left, right, _ = data.stereo_motorcycle()
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as im:
+        out += [left, right, np.asarray(im.convert("RGB"))]
+    return out
+
+
+def imagenet_like(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` distinct JPEGs (q90): random crops of the photos at ImageNet-typical sizes."""
+    rng = np.random.default_rng(seed)
+    srcs = [Image.fromarray(p) for p in photos()]
+    out = []
+    for i in range(n):
+        src = srcs[i % len(srcs)]
+        w, h = SIZES[rng.choice(len(SIZES), p=SIZE_WEIGHTS)]
+        sw, sh = src.size
+        scale = min(sw / w, sh / h) * rng.uniform(0.6, 1.0)  # crop with the target aspect
+        cw, ch = w * scale, h * scale
+        x0, y0 = rng.uniform(0, sw - cw), rng.uniform(0, sh - ch)
+        img = src.resize((w, h), Image.Resampling.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def make_shards(work: Path, n: int, shard_size: int):
+    labels = np.random.default_rng(1).integers(0, CLASSES, n)
+    samples = [SourceSample(key=f"img{i:05d}", label=int(labels[i]), path=f"photo crop {i}", data=data)
+               for i, data in enumerate(imagenet_like(n))]
+    return write_shards(samples, work / "ds", "train", [f"class_{c}" for c in range(CLASSES)], shard_size,
+                        overwrite=True, source="bench/accelerator.py ImageNet-like photo crops")
+
+
+def job_config(manifest, out: str, rate: float, **kw) -> CacheJobConfig:
+    d = dict(shards=manifest.path, out=out, epochs=1, views=VIEWS, k=10, seed=0, batch_size=BATCH,
+             num_workers=1, actors=1, max_retries=0,
+             teacher=dict(callable=SIMULATED, num_classes=CLASSES, input_size=OUT, amp="none", channels_last=False,
+                          model_kwargs={"images_per_s": rate, "num_classes": CLASSES}))
+    d.update(kw)
+    return CacheJobConfig.from_dict(d)
+
+
+# --------------------------------------------------------------------------- replay vs timm, one core
+
+
+def _cpu_rate(fn) -> tuple[int, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    n = fn()
+    return n, n / (time.process_time() - cpu), n / (time.perf_counter() - wall)
+
+
+def replay_images(cfg: CacheJobConfig, manifest, shard_samples: dict) -> int:
+    """The job's whole replay of every item on this core: decode once, 3 views, finish, mix."""
+    from pipeline.pool import InlinePool
+    from pipeline.work import ItemFeed
+
+    feed = ItemFeed(cfg, manifest, OUT, pool=InlinePool(), read=lambda url, shard: shard_samples[shard.index])
+    n = 0
+    try:
+        for s in manifest.shards:
+            n += sum(1 for _ in feed.rows(0, s.index, []))
+    finally:
+        feed.close()
+    return n
+
+
+def worker_images(cfg: CacheJobConfig, manifest, shard_samples: dict) -> int:
+    """The workers' part only: decode once + augment every view (pipeline.premix)."""
+    n = 0
+    for s in manifest.shards:
+        n += sum(len(p.pixels) for p in premix(shard_samples[s.index], cfg.aug, cfg.seed, 0, VIEWS, OUT))
+    return n
+
+
+def timm_images(transform, manifest, shard_samples: dict) -> int:
+    """DeiT's loader: every view decodes the file again and runs timm's transform."""
+    n = 0
+    for s in manifest.shards:
+        for raw in shard_samples[s.index]:
+            for _ in range(VIEWS):
+                transform(decode_image(raw))
+                n += 1
+    return n
+
+
+def timm_transform(aug: AugConfig):
+    from timm.data import auto_augment as taa
+    from timm.data import create_transform
+
+    original = taa.posterize  # Pillow 13 rejects 0 bits (timm at magnitude 10): black image, as ours
+
+    def posterize(img, bits_to_keep, **kw):
+        return Image.new(img.mode, img.size, 0) if bits_to_keep <= 0 else original(img, bits_to_keep, **kw)
+
+    for name, fn in list(taa.NAME_TO_OP.items()):
+        if fn is original:
+            taa.NAME_TO_OP[name] = posterize
+    return create_transform(OUT, is_training=True, auto_augment=aug.auto_augment, interpolation=aug.interpolation,
+                            re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=1, mean=aug.mean, std=aug.std)
+
+
+def bench_per_core(cfg, manifest, rounds: int) -> dict:
+    torch.set_num_threads(1)
+    samples = {s.index: read_shard(manifest.url(s), s) for s in manifest.shards}
+    transform = timm_transform(cfg.aug)
+    sides = {"replay": lambda: replay_images(cfg, manifest, samples),
+             "timm": lambda: timm_images(transform, manifest, samples),
+             "worker": lambda: worker_images(cfg, manifest, samples)}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+    wall: dict[str, list[float]] = {k: [] for k in sides}
+    names = list(sides)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):  # ABBA: drift hits every side
+            _, c, w = _cpu_rate(sides[name])
+            cpu[name].append(c)
+            wall[name].append(w)
+        print(f"round {r}: " + "  ".join(f"{k} {cpu[k][-1]:6.1f}" for k in names) + " img/cpu-s", flush=True)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    return {
+        "replay_capacity_per_core": round(med["replay"], 1),
+        "timm_per_core": round(med["timm"], 1),
+        "replay_over_timm": round(med["replay"] / med["timm"], 3),
+        "replay_over_timm_per_round": [round(a / b, 3) for a, b in zip(cpu["replay"], cpu["timm"])],
+        "worker_capacity_per_core": round(med["worker"], 1),
+        "wall_replay_over_timm": round(statistics.median(wall["replay"]) / statistics.median(wall["timm"]), 3),
+    }
+
+
+# --------------------------------------------------------------------------- caching job
+
+
+def bench_job(manifest, work: Path, name: str, rate: float, **kw) -> dict:
+    from pipeline.cache import run_job
+
+    cfg = job_config(manifest, str(work / f"{name}.zarr"), rate, **kw)
+    s = run_job(cfg, progress=False)
+    print(f"{name}: teacher {rate:.0f} img/s -> steady {s['steady_images_per_s']:.1f} img/s "
+          f"({s['items_run']} items, start-up {s['startup_seconds']:.1f} s)", flush=True)
+    return {"teacher_images_per_s": round(rate, 1), "steady_images_per_s": s["steady_images_per_s"],
+            "images_per_s_with_startup": s["images_per_s"], "items": s["items_run"], "images": s["images"],
+            "cache": cfg.out}
+
+
+# --------------------------------------------------------------------------- student
+
+
+def student_rate(cache: str, manifest, work: Path, rate: float, workers: int, batches: tuple[int, int]) -> dict:
+    """Images/s of a cached student whose step sleeps batch / rate: difference of two run lengths."""
+    from pipeline.config import load_config
+    from student.config import TrainConfig
+    from student.train import train
+
+    times = []
+    for n in batches:
+        cfg = load_config(TrainConfig, None, [
+            f"data.train={manifest.path}", f"cache.path={cache}", "loss.mode=hard", "teacher.mode=cached",
+            f"model.name={SIMULATED}", f"model.model_kwargs={{images_per_s: {rate}}}",
+            f"data.batch_size={BATCH}", f"data.num_workers={workers}", f"data.max_batches={n}",
+            "run.epochs=1", "run.device=cpu", "run.threads=1", "run.progress=false", "run.plot=false",
+            "run.log_every=0", f"run.out={work / f'student_{rate:.0f}_{n}'}", "optim.warmup_epochs=0"])
+        t0 = time.perf_counter()
+        train(cfg)
+        times.append(time.perf_counter() - t0)
+    images = (batches[1] - batches[0]) * BATCH
+    got = images / (times[1] - times[0])
+    print(f"student: step {rate:.0f} img/s -> {got:.1f} img/s ({batches} batches: {times[0]:.1f} s, {times[1]:.1f} s)",
+          flush=True)
+    return {"step_images_per_s": round(rate, 1), "images_per_s": round(got, 1), "batches": list(batches),
+            "seconds": [round(t, 2) for t in times]}
+
+
+def machine() -> dict:
+    import PIL
+    import timm
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "pillow": PIL.__version__, "load_average_at_end": list(os.getloadavg())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=512, help="distinct JPEGs (shards of --shard-size)")
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved per-core rounds (each: every shard)")
+    p.add_argument("--workers", type=int, default=1, help="replay workers (caching job and student)")
+    p.add_argument("--skip-student", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accelerator.json"))
+    args = p.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="kdcache_bench_accel_"))
+    manifest = make_shards(work, args.images, args.shard_size)
+    sizes = {}
+    for s in manifest.shards:
+        for raw in read_shard(manifest.url(s), s):
+            with Image.open(io.BytesIO(raw.data)) as im:
+                sizes[f"{im.size[0]}x{im.size[1]}"] = sizes.get(f"{im.size[0]}x{im.size[1]}", 0) + 1
+    base = job_config(manifest, str(work / "unused.zarr"), 1.0)
+    result = {"command": "python bench/accelerator.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "data": {"images": manifest.num_samples, "shards": len(manifest.shards), "shard_size": args.shard_size,
+                       "jpeg_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
+                       "bytes_per_image": round(sum(s.bytes for s in manifest.shards) / manifest.num_samples)},
+              "views": VIEWS, "out_size": OUT, "batch_size": BATCH, "workers": args.workers}
+    result.update(bench_per_core(base, manifest, args.rounds))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
+    capacity = result["worker_capacity_per_core"] * args.workers
+
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        jobs = {
+            "teacher_bound": bench_job(manifest, work, "teacher_bound", capacity / 2, num_workers=args.workers),
+            "cpu_bound": bench_job(manifest, work, "cpu_bound", capacity * 2, num_workers=args.workers),
+            # replay as Ray tasks: the actor holds 1 CPU, the tasks run on the others
+            "cluster_teacher_bound": bench_job(manifest, work, "cluster_teacher_bound", capacity / 2,
+                                               replay="ray", num_workers=args.workers + 1),
+            "cluster_cpu_bound": bench_job(manifest, work, "cluster_cpu_bound", capacity * 2,
+                                           replay="ray", num_workers=args.workers + 1),
+        }
+    finally:
+        ray.shutdown()
+    result["worker_capacity"] = round(capacity, 1)
+    result["jobs"] = jobs
+    result["cache_eff_teacher_bound"] = round(jobs["teacher_bound"]["steady_images_per_s"] / (capacity / 2), 3)
+    result["cache_eff_cpu_bound"] = round(jobs["cpu_bound"]["steady_images_per_s"] / capacity, 3)
+    result["cluster_eff_teacher_bound"] = round(jobs["cluster_teacher_bound"]["steady_images_per_s"] / (capacity / 2), 3)
+    result["cluster_eff_cpu_bound"] = round(jobs["cluster_cpu_bound"]["steady_images_per_s"] / capacity, 3)
+
+    if not args.skip_student:
+        student_capacity = result["replay_capacity_per_core"] * args.workers
+        rows = manifest.num_samples * VIEWS // BATCH
+        lengths = (max(2, rows // 4), rows)
+        cache = jobs["cpu_bound"]["cache"]
+        step_bound = student_rate(cache, manifest, work, student_capacity / 2, args.workers, lengths)
+        cpu_bound = student_rate(cache, manifest, work, student_capacity * 2, args.workers, lengths)
+        result["student_loader_capacity"] = round(student_capacity, 1)
+        result["students"] = {"step_bound": step_bound, "cpu_bound": cpu_bound}
+        result["student_eff_step_bound"] = round(step_bound["images_per_s"] / (student_capacity / 2), 3)
+        result["student_eff_cpu_bound"] = round(cpu_bound["images_per_s"] / student_capacity, 3)
+    result["machine"] = machine()
+
+    print()
+    print(f"{'metric':<28}{'value':>10}  goal")
+    for key, goal in (("replay_capacity_per_core", ""), ("timm_per_core", ""), ("replay_over_timm", ">= 1.2"),
+                      ("worker_capacity_per_core", ""), ("cache_eff_teacher_bound", ">= 0.9"),
+                      ("cache_eff_cpu_bound", ">= 0.9"), ("cluster_eff_teacher_bound", ""),
+                      ("cluster_eff_cpu_bound", ""), ("student_eff_step_bound", ">= 0.9"),
+                      ("student_eff_cpu_bound", ">= 0.9")):
+        if key in result:
+            print(f"{key:<28}{result[key]:>10}  {goal}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
