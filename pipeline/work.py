@@ -49,6 +49,51 @@ def _maybe_die(fault_marker: str | None) -> None:
         os._exit(3)
 
 
+@dataclass
+class Scored:
+    """The teacher's rows of one item, in row order, and what happened on the way."""
+
+    sample_id: np.ndarray   # int64 [R]
+    view: np.ndarray        # int64 [R]
+    logprobs: np.ndarray    # float32 [R, k]
+    indices: np.ndarray     # int64 [R, k]
+    skipped: list[dict]
+    worker_pids: list[int]
+    wait_seconds: float     # time the teacher waited for replayed batches
+
+
+def score_item(feed: ItemFeed, teacher, epoch: int, shard_index: int, prefetch: tuple[int, int] | None = None,
+               fault_marker: str | None = None) -> Scored:
+    """Score every row of (epoch, shard) from ``feed``; start replaying ``prefetch`` meanwhile.
+
+    Raises ShardError naming the shard for a missing/truncated tar.
+    """
+    feed.keep((epoch, shard_index), prefetch)
+    feed.start(epoch, shard_index)
+    if prefetch is not None:
+        feed.start(*prefetch)
+    skipped: list[dict] = []
+    pids: set[int] = set()
+    ids, views, logprobs, indices = [], [], [], []
+    wait, waited = 0.0, time.perf_counter()
+    for batch in feed.batches(epoch, shard_index, skipped, pids):
+        wait += time.perf_counter() - waited
+        out = teacher.score(batch.images)
+        ids.append(batch.sample_id)
+        views.append(batch.view)
+        logprobs.append(out.logprobs.float().cpu().numpy())
+        indices.append(out.indices.cpu().numpy())
+        feed.release(batch)  # after .cpu(): a non_blocking copy from it has completed
+        _maybe_die(fault_marker)
+        waited = time.perf_counter()
+    k = teacher.k
+    return Scored(np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                  np.concatenate(views) if views else np.zeros(0, np.int64),
+                  np.concatenate(logprobs) if logprobs else np.zeros((0, k), np.float32),
+                  np.concatenate(indices) if indices else np.zeros((0, k), np.int64),
+                  skipped, sorted(pids), wait)
+
+
 def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, manifest=None,
              feed: ItemFeed | None = None, prefetch: tuple[int, int] | None = None,
              fault_marker: str | None = None) -> ItemResult:
@@ -59,7 +104,8 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
         teacher: a built ``teacher.model.Teacher`` (built from ``cfg`` on CPU if None).
         writer: a ``storage.CacheWriter`` (created/reopened from ``cfg`` if None).
         manifest: the loaded manifest of ``cfg.shards`` (loaded if None).
-        feed: the caller's persistent :class:`ItemFeed` (else one is made for this item).
+        feed: the caller's persistent :class:`~pipeline.feed.ItemFeed` (else one is made for
+            this item and closed after it).
         prefetch: the (epoch, shard) this feed will be asked for next: replayed while the
             teacher scores this item.
         fault_marker: test hook, see :func:`_maybe_die`.
@@ -83,39 +129,14 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
     own_feed = feed is None
     if own_feed:
         feed = ItemFeed(cfg, manifest, teacher.cfg.input_size, pin=pin_memory(teacher.device))
-    feed.keep((epoch, shard_index), prefetch)
-    feed.start(epoch, shard_index)
-    if prefetch is not None:
-        feed.start(*prefetch)
     try:
         writer = writer if writer is not None else open_writer(cfg, manifest, cache_attrs(cfg, manifest))
-        skipped: list[dict] = []
-        pids: set[int] = set()
-        ids, views, logprobs, indices = [], [], [], []
-        wait, waited = 0.0, time.perf_counter()
-        for batch in feed.batches(epoch, shard_index, skipped, pids):
-            wait += time.perf_counter() - waited
-            out = teacher.score(batch.images)
-            ids.append(batch.sample_id)
-            views.append(batch.view)
-            logprobs.append(out.logprobs.float().cpu().numpy())
-            indices.append(out.indices.cpu().numpy())
-            feed.release(batch)  # after .cpu(): a non_blocking copy from it has completed
-            _maybe_die(fault_marker)
-            waited = time.perf_counter()
-        k = cfg.k
-        writer.write_item(
-            epoch, shard_index,
-            np.concatenate(ids) if ids else np.zeros(0, np.int64),
-            np.concatenate(views) if views else np.zeros(0, np.int64),
-            np.concatenate(logprobs) if logprobs else np.zeros((0, k), np.float32),
-            np.concatenate(indices) if indices else np.zeros((0, k), np.int64),
-            missing=skipped,
-        )
+        scored = score_item(feed, teacher, epoch, shard_index, prefetch, fault_marker)
+        writer.write_item(epoch, shard_index, scored.sample_id, scored.view, scored.logprobs, scored.indices,
+                          missing=scored.skipped)
     finally:
         if own_feed:
             feed.close()
-    n = sum(len(x) for x in ids)
-    return ItemResult(epoch=epoch, shard_index=shard_index, shard=manifest.shards[shard_index].name, images=n,
-                      skipped=skipped, seconds=time.perf_counter() - t0, wait_seconds=wait,
-                      worker_pids=sorted(pids))
+    return ItemResult(epoch=epoch, shard_index=shard_index, shard=manifest.shards[shard_index].name,
+                      images=len(scored.sample_id), skipped=scored.skipped, seconds=time.perf_counter() - t0,
+                      wait_seconds=scored.wait_seconds, worker_pids=scored.worker_pids)
