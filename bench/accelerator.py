@@ -131,7 +131,8 @@ def _cpu_rate(fn) -> tuple[int, float, float]:
 
 
 def replay_images(cfg: CacheJobConfig, manifest, shard_samples: dict) -> int:
-    """The job's whole replay of every item on this core: decode once, 3 views, finish, mix."""
+    """The job's whole replay of every item on one core (workers inline, in the feed's batcher
+    thread): decode once, 3 views, finish, mix, batch."""
     from pipeline.pool import InlinePool
     from pipeline.work import ItemFeed
 
@@ -139,7 +140,9 @@ def replay_images(cfg: CacheJobConfig, manifest, shard_samples: dict) -> int:
     n = 0
     try:
         for s in manifest.shards:
-            n += sum(1 for _ in feed.rows(0, s.index, []))
+            for batch in feed.batches(0, s.index, [], set()):
+                n += len(batch.sample_id)
+                feed.release(batch)
     finally:
         feed.close()
     return n

@@ -391,6 +391,8 @@ def finish(pixels: np.ndarray, params: AugParams, cfg: AugConfig) -> torch.Tenso
     Returns float32 [3, H, W]; the erase box scales with the size.
     """
     scale, bias = _norm_affine(cfg.mean, cfg.std)
+    if not pixels.flags.writeable:  # e.g. zero-copy from Ray's object store; torch wants writable
+        pixels = pixels.copy()
     x = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
     x.mul_(scale).add_(bias)
     if params.erase is not None:
