@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from accelerator import make_shards  # noqa: E402  (ImageNet-like JPEG shards from real photos)
+from accelerator import make_shards, write_result  # noqa: E402  (ImageNet-like JPEG shards from real photos)
 from pipeline.feed import ItemFeed, item_pairs  # noqa: E402
 from pipeline.job import CacheJobConfig, make_teacher  # noqa: E402
 from pipeline.replay import replay_items  # noqa: E402
@@ -206,9 +206,7 @@ def main(argv=None) -> int:
                   cached_over_online_vs_limit=student["cached_over_online"] / limits["flop_limit"])
     print(json.dumps({k: result[k] for k in ("cache_over_forward", "flop_limit", "cached_over_online_vs_limit")}
                      | {"cached_over_online": student["cached_over_online"]}, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -53,8 +53,8 @@ from pipeline.job import (  # noqa: F401  (the job's config and provenance, re-e
     open_writer,
     package_version,
 )
-from pipeline.pool import BrokenProcessPool
 from pipeline.feed import ItemFeed
+from pipeline.pool import BrokenProcessPool
 from pipeline.work import run_item
 from teacher.device import pin_memory
 

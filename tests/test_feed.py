@@ -14,7 +14,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -24,18 +23,7 @@ from pipeline.job import CacheJobConfig, cache_attrs, make_teacher, open_writer 
 from pipeline.pool import BrokenProcessPool, InlinePool, ProcessPool  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
 from pipeline.work import run_item  # noqa: E402
-from teacher.model import TeacherConfig, create_model  # noqa: E402
-
-TINY_TEACHER = dict(name="regnety_002", num_classes=10, input_size=32, stem_stride=1, amp="none",
-                    channels_last=False)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "regnety_002.pt"
-    torch.save(create_model(TeacherConfig(**TINY_TEACHER)).state_dict(), path)
-    return str(path)
+from test_cache_job import TINY_TEACHER, teacher_ckpt  # noqa: E402,F401  (the same tiny teacher file)
 
 
 def make_cfg(shards, out, teacher: dict, **kw) -> CacheJobConfig:
