@@ -11,30 +11,36 @@ rand-m9-mstd0.5-inc1, erasing 0.25, Mixup 0.8 / CutMix 1.0), 3 views per sample.
 Every figure is a ratio of things measured side by side in this run:
 
 * ``replay_capacity_per_core``: images/s of one core running the caching job's replay
-  (``pipeline.work.ItemFeed`` without workers): each sample decoded once, 3 views
+  (``pipeline.feed.ItemFeed`` without workers): each sample decoded once, 3 views
   (``sample_params`` + ``augment`` + ``finish``), mixed with its planned partner.
   ``timm_per_core``: one core decoding the same bytes once per view and running timm's
   ``create_transform`` with DeiT's arguments, as DeiT's repeated-augmentation loader does
   (its Mixup/CutMix runs batched on the GPU, so it is not counted). ``replay_over_timm`` =
   the ratio (goal >= 1.2), from interleaved rounds, CPU time of this single-threaded process.
-* ``worker_capacity``: images/s of one core running the part of the replay the job's workers
-  run (decode once + 3 x augment, ``pipeline.premix``); the rest (normalize, erase, mix)
-  runs in the teacher's process beside the simulated forward.
+* ``worker_capacity_per_core``: the same for the part of the replay the job's workers run
+  (decode once + 3 x augment, ``pipeline.premix``); the rest (normalize, erase, mix) runs in the
+  teacher's process, beside the simulated forward.
+* ``workers_alone``: wall-clock images/s of the job's replay workers on their own (every item's
+  pre-mix images, results drained), measured right before and after each job run, so the
+  ratios below hold on a machine shared with other work (per-core rates above are CPU time).
 * ``cache_eff_teacher_bound``: images/s of the caching job's per-actor loop (one persistent
   ``ItemFeed`` with ``--workers`` replay processes, ``run_item`` per item naming the next as
   prefetch, rows written to Zarr: what ``TeacherWorker.run`` does) over 8 items, counted from
   the end of the first item so every later item boundary is inside the figure, divided by the
-  simulated teacher's rate, set to half the workers' capacity (goal >= 0.9).
-  ``cache_eff_cpu_bound``: the same images/s divided by the workers' capacity, with the
-  teacher at twice it (goal >= 0.9). ``cluster_*``: the same with ``replay: ray`` (replay as
-  Ray tasks on ``--workers`` CPUs, results through the object store).
+  simulated teacher's rate, set to half the workers' capacity (``workers_alone``) (goal >= 0.9).
+  ``cache_eff_cpu_bound``: the same images/s divided by the workers' capacity, with the teacher
+  at twice it (goal >= 0.9); ``..._vs_cpu_time_capacity`` divides by ``--workers`` x
+  ``worker_capacity_per_core`` instead (the same on a quiet machine). ``cluster_*``: the same
+  with ``replay: ray`` (Ray tasks on ``--workers`` CPUs, results through the object store).
   ``ray_job_eff_teacher_bound``: ``pipeline.cache.run_job`` with one Ray actor, its steady
   rate (after actor start-up, the first item's fill included) over the teacher's rate.
 * ``student_eff_step_bound`` / ``student_eff_cpu_bound``: a cached student
-  (``student.train.train``, loss hard) whose model is the simulated accelerator (the step
-  sleeps batch / rate), images/s divided by the step rate (set to half the loader's capacity,
-  ``data.num_workers`` x ``replay_capacity_per_core``) or by the loader's capacity (step at twice
-  it). Images/s is the difference of two runs of different length, so start-up cancels.
+  (``student.train.train``, loss hard, ``--workers`` loader workers) whose model is the
+  simulated accelerator (the step sleeps batch / rate). The loader's capacity is the student's
+  images/s with a step 50x faster than the loader (``students.loader_alone``); the step is then
+  set to half of it (images/s divided by the step rate) or to twice it (images/s divided by the
+  loader's capacity). Images/s is read at the step (the simulated model's timeline, from the
+  4th step of the epoch), so start-up and shutdown are left out.
 
 On 2 cores: 1 replay worker, the other core for the teacher's (or student's) process.
 """
@@ -213,6 +219,25 @@ def bench_per_core(cfg, manifest, rounds: int) -> dict:
 # --------------------------------------------------------------------------- caching job
 
 
+def workers_alone(cfg: CacheJobConfig, manifest, shard_samples: dict) -> float:
+    """Wall-clock images/s of ``cfg``'s replay workers alone, now: every item's pre-mix images
+    (decode once, augment 3 views), results drained in order, nothing finished or scored."""
+    from pipeline.feed import GROUP_SAMPLES
+    from pipeline.pool import make_pool
+
+    pool = make_pool(cfg.replay, cfg.num_workers)
+    try:
+        t0 = time.perf_counter()
+        tasks = [pool.submit(premix, group, cfg.aug, cfg.seed, 0, VIEWS, OUT)
+                 for s in manifest.shards
+                 for group in (shard_samples[s.index][i:i + GROUP_SAMPLES]
+                               for i in range(0, s.count, GROUP_SAMPLES))]
+        n = sum(len(p.pixels) for task in tasks for p in task.result())
+        return n / (time.perf_counter() - t0)
+    finally:
+        pool.close()
+
+
 def bench_items(manifest, work: Path, name: str, rate: float, **kw) -> dict:
     """The teacher actor's loop, in this process: one persistent feed (replay workers started
     once), ``run_item`` per item naming the next one as ``prefetch``, rows written to Zarr.
@@ -260,37 +285,26 @@ def bench_ray_job(manifest, work: Path, rate: float, workers: int) -> dict:
 # --------------------------------------------------------------------------- student
 
 
-def student_rate(cache: str, manifest, work: Path, rate: float, workers: int, lengths: tuple[int, int]) -> dict:
-    """Images/s of a cached student whose step sleeps batch / rate (``student.train.train``).
-
-    Runs of ``lengths`` batches in the order short, long, long, short after a warm-up run;
-    images/s = extra images of the long runs / their extra time, so start-up cancels."""
+def student_rate(cache: str, manifest, work: Path, rate: float, workers: int) -> dict:
+    """Images/s of a cached student whose step sleeps batch / rate (``student.train.train``, one
+    epoch): read at the step, from the simulated model's timeline, after its first 3 steps."""
     from pipeline.config import load_config
     from student.config import TrainConfig
     from student.train import train
+    from teacher.simulated import steady_rate
 
-    def run(n: int, tag: str) -> float:
-        cfg = load_config(TrainConfig, None, [
-            f"data.train={manifest.path}", f"cache.path={cache}", "loss.mode=hard", "teacher.mode=cached",
-            f"model.name={SIMULATED}", f"model.model_kwargs={{images_per_s: {rate}}}",
-            f"data.batch_size={BATCH}", f"data.num_workers={workers}", f"data.max_batches={n}",
-            "run.epochs=1", "run.device=cpu", "run.threads=1", "run.progress=false", "run.plot=false",
-            "run.log_every=0", f"run.out={work / f'student_{rate:.0f}_{tag}'}", "optim.warmup_epochs=0"])
-        t0 = time.perf_counter()
-        train(cfg)
-        return time.perf_counter() - t0
-
-    run(2, "warmup")
-    short, long = lengths
-    times = {short: [], long: []}
-    for i, n in enumerate((short, long, long, short)):
-        times[n].append(run(n, str(i)))
-    dt = statistics.mean(times[long]) - statistics.mean(times[short])
-    got = (long - short) * BATCH / dt
-    print(f"student: step {rate:.0f} img/s -> {got:.1f} img/s (runs of {short} / {long} batches: "
-          f"{times[short]} / {times[long]} s)", flush=True)
-    return {"step_images_per_s": round(rate, 1), "images_per_s": round(got, 1), "batches": list(lengths),
-            "seconds": {str(k): [round(t, 2) for t in v] for k, v in times.items()}}
+    timeline = work / f"student_{rate:.0f}.timeline"
+    cfg = load_config(TrainConfig, None, [
+        f"data.train={manifest.path}", f"cache.path={cache}", "loss.mode=hard", "teacher.mode=cached",
+        f"model.name={SIMULATED}", f"model.model_kwargs={{images_per_s: {rate}, timeline: '{timeline}'}}",
+        f"data.batch_size={BATCH}", f"data.num_workers={workers}", "run.epochs=1", "run.device=cpu",
+        "run.threads=1", "run.progress=false", "run.plot=false", "run.log_every=0",
+        f"run.out={work / f'student_{rate:.0f}'}", "optim.warmup_epochs=0"])
+    train(cfg)
+    got = steady_rate(str(timeline), skip=3)
+    steps = len(timeline.read_text().splitlines())
+    print(f"student: step {rate:.0f} img/s -> {got:.1f} img/s over steps 4..{steps}", flush=True)
+    return {"step_images_per_s": round(rate, 1), "images_per_s": round(got, 1), "steps": steps}
 
 
 def machine() -> dict:
@@ -327,44 +341,53 @@ def main(argv=None) -> int:
               "views": VIEWS, "out_size": OUT, "batch_size": BATCH, "workers": args.workers}
     result.update(bench_per_core(base, manifest, args.rounds))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
-    capacity = result["worker_capacity_per_core"] * args.workers
-    jobs = {"teacher_bound": bench_items(manifest, work, "teacher_bound", capacity / 2, num_workers=args.workers),
-            "cpu_bound": bench_items(manifest, work, "cpu_bound", capacity * 2, num_workers=args.workers)}
+    cpu_time_capacity = result["worker_capacity_per_core"] * args.workers
+    samples = {s.index: read_shard(manifest.url(s), s) for s in manifest.shards}
 
     import ray
 
-    # replay as Ray tasks on `workers` CPUs; the teacher loop stays in this process
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    try:
-        for bound, rate in (("teacher_bound", capacity / 2), ("cpu_bound", capacity * 2)):
-            jobs[f"cluster_{bound}"] = bench_items(manifest, work, f"cluster_{bound}", rate, replay="ray",
-                                                   num_workers=args.workers + 1)
-    finally:
-        ray.shutdown()
+    jobs, caps = {}, {}
+    for place in ("local", "ray"):
+        if place == "ray":  # replay as Ray tasks on `workers` CPUs; the teacher loop stays here
+            ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        kw = {"num_workers": args.workers} if place == "local" else {"replay": "ray", "num_workers": args.workers + 1}
+        try:
+            alone = [workers_alone(base.replace(**kw), manifest, samples)]
+            tb = bench_items(manifest, work, f"{place}_teacher_bound", alone[0] / 2, **kw)
+            alone.append(workers_alone(base.replace(**kw), manifest, samples))
+            cb = bench_items(manifest, work, f"{place}_cpu_bound", alone[1] * 2, **kw)
+            alone.append(workers_alone(base.replace(**kw), manifest, samples))
+        finally:
+            if place == "ray":
+                ray.shutdown()
+        caps[place] = [round(a, 1) for a in alone]
+        jobs[f"{place}_teacher_bound"], jobs[f"{place}_cpu_bound"] = tb, cb
+        prefix = "cache" if place == "local" else "cluster"
+        result[f"{prefix}_eff_teacher_bound"] = round(tb["images_per_s"] / tb["teacher_images_per_s"], 3)
+        result[f"{prefix}_eff_cpu_bound"] = round(cb["images_per_s"] / statistics.mean(alone[1:]), 3)
+    result["workers_alone_images_per_s"] = caps
+    result["cache_eff_cpu_bound_vs_cpu_time_capacity"] = round(jobs["local_cpu_bound"]["images_per_s"]
+                                                               / cpu_time_capacity, 3)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        jobs["ray_job_teacher_bound"] = bench_ray_job(manifest, work, capacity / 2, args.workers)
+        jobs["ray_job_teacher_bound"] = bench_ray_job(manifest, work, caps["local"][-1] / 2, args.workers)
     finally:
         ray.shutdown()
-    result["worker_capacity"] = round(capacity, 1)
     result["jobs"] = jobs
-    result["cache_eff_teacher_bound"] = round(jobs["teacher_bound"]["images_per_s"] / (capacity / 2), 3)
-    result["cache_eff_cpu_bound"] = round(jobs["cpu_bound"]["images_per_s"] / capacity, 3)
-    result["cluster_eff_teacher_bound"] = round(jobs["cluster_teacher_bound"]["images_per_s"] / (capacity / 2), 3)
-    result["cluster_eff_cpu_bound"] = round(jobs["cluster_cpu_bound"]["images_per_s"] / capacity, 3)
-    result["ray_job_eff_teacher_bound"] = round(jobs["ray_job_teacher_bound"]["steady_images_per_s"] / (capacity / 2), 3)
+    result["ray_job_eff_teacher_bound"] = round(jobs["ray_job_teacher_bound"]["steady_images_per_s"]
+                                                / jobs["ray_job_teacher_bound"]["teacher_images_per_s"], 3)
 
     if not args.skip_student:
-        student_capacity = result["replay_capacity_per_core"] * args.workers
-        rows = manifest.num_samples * VIEWS // BATCH
-        lengths = (max(2, rows // 4), rows)
-        cache = jobs["cpu_bound"]["cache"]
-        step_bound = student_rate(cache, manifest, work, student_capacity / 2, args.workers, lengths)
-        cpu_bound = student_rate(cache, manifest, work, student_capacity * 2, args.workers, lengths)
-        result["student_loader_capacity"] = round(student_capacity, 1)
-        result["students"] = {"step_bound": step_bound, "cpu_bound": cpu_bound}
-        result["student_eff_step_bound"] = round(step_bound["images_per_s"] / (student_capacity / 2), 3)
-        result["student_eff_cpu_bound"] = round(cpu_bound["images_per_s"] / student_capacity, 3)
+        cache = jobs["local_cpu_bound"]["cache"]
+        cpu_capacity = result["replay_capacity_per_core"] * args.workers
+        # the loader with a step 50x faster than it: its own rate, now (what the step must not slow)
+        alone = student_rate(cache, manifest, work, 50 * cpu_capacity, args.workers)
+        step_bound = student_rate(cache, manifest, work, alone["images_per_s"] / 2, args.workers)
+        cpu_bound = student_rate(cache, manifest, work, alone["images_per_s"] * 2, args.workers)
+        result["students"] = {"loader_alone": alone, "step_bound": step_bound, "cpu_bound": cpu_bound}
+        result["student_eff_step_bound"] = round(step_bound["images_per_s"] / step_bound["step_images_per_s"], 3)
+        result["student_eff_cpu_bound"] = round(cpu_bound["images_per_s"] / alone["images_per_s"], 3)
+        result["student_eff_cpu_bound_vs_cpu_time_capacity"] = round(cpu_bound["images_per_s"] / cpu_capacity, 3)
     # capacity again, to show how much the machine's load moved during the run
     torch.set_num_threads(1)
     after = bench_per_core(base, manifest, 1)
@@ -373,15 +396,16 @@ def main(argv=None) -> int:
     result["machine"] = machine()
 
     print()
-    print(f"{'metric':<28}{'value':>10}  goal")
+    print(f"{'metric':<44}{'value':>10}  goal")
     for key, goal in (("replay_capacity_per_core", ""), ("timm_per_core", ""), ("replay_over_timm", ">= 1.2"),
                       ("worker_capacity_per_core", ""), ("cache_eff_teacher_bound", ">= 0.9"),
+                      ("cache_eff_cpu_bound_vs_cpu_time_capacity", ""),
                       ("cache_eff_cpu_bound", ">= 0.9"), ("cluster_eff_teacher_bound", ""),
                       ("cluster_eff_cpu_bound", ""), ("ray_job_eff_teacher_bound", ""),
                       ("student_eff_step_bound", ">= 0.9"),
-                      ("student_eff_cpu_bound", ">= 0.9")):
+                      ("student_eff_cpu_bound", ">= 0.9"), ("student_eff_cpu_bound_vs_cpu_time_capacity", "")):
         if key in result:
-            print(f"{key:<28}{result[key]:>10}  {goal}")
+            print(f"{key:<44}{result[key]:>10}  {goal}")
     write_result(args.out, result)
     return 0
 

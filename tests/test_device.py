@@ -57,6 +57,19 @@ def test_simulated_teacher_is_deterministic_and_takes_its_time():
         SleepingNet(images_per_s=0)
 
 
+def test_simulated_timeline_gives_the_step_rate(tmp_path):
+    from teacher.simulated import sleeping_net, steady_rate
+
+    timeline = tmp_path / "t.txt"
+    net = sleeping_net(num_classes=3, images_per_s=400.0, timeline=str(timeline))
+    for _ in range(5):
+        net(torch.zeros(8, 3, 8, 8))
+    assert len(timeline.read_text().splitlines()) == 5
+    assert 0 < steady_rate(str(timeline), skip=1) <= 400.0  # sleeping makes it at most the set rate
+    with pytest.raises(ValueError, match="need at least"):
+        steady_rate(str(timeline), skip=4)
+
+
 def test_simulated_student_trains_through_build_student():
     from student.models import build_student
 
