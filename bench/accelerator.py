@@ -293,13 +293,15 @@ def student_rate(cache: str, manifest, work: Path, rate: float, workers: int) ->
     from student.train import train
     from teacher.simulated import steady_rate
 
-    timeline = work / f"student_{rate:.0f}.timeline"
+    fd, name = tempfile.mkstemp(dir=work, prefix=f"student_{rate:.0f}_", suffix=".timeline")
+    os.close(fd)
+    timeline = Path(name)
     cfg = load_config(TrainConfig, None, [
         f"data.train={manifest.path}", f"cache.path={cache}", "loss.mode=hard", "teacher.mode=cached",
         f"model.name={SIMULATED}", f"model.model_kwargs={{images_per_s: {rate}, timeline: '{timeline}'}}",
         f"data.batch_size={BATCH}", f"data.num_workers={workers}", "run.epochs=1", "run.device=cpu",
         "run.threads=1", "run.progress=false", "run.plot=false", "run.log_every=0",
-        f"run.out={work / f'student_{rate:.0f}'}", "optim.warmup_epochs=0"])
+        f"run.out={timeline.with_suffix('')}", "optim.warmup_epochs=0"])
     train(cfg)
     got = steady_rate(str(timeline), skip=3)
     steps = len(timeline.read_text().splitlines())
@@ -322,6 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=4, help="interleaved per-core rounds (each: every shard)")
     p.add_argument("--workers", type=int, default=1, help="replay workers (caching job and student)")
+    p.add_argument("--repeats", type=int, default=2, help="job and student runs per setting (median reported)")
     p.add_argument("--skip-student", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accelerator.json"))
     args = p.parse_args(argv)
@@ -351,23 +354,29 @@ def main(argv=None) -> int:
         if place == "ray":  # replay as Ray tasks on `workers` CPUs; the teacher loop stays here
             ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         kw = {"num_workers": args.workers} if place == "local" else {"replay": "ray", "num_workers": args.workers + 1}
+        cfg = base.replace(**kw)
         try:
-            alone = [workers_alone(base.replace(**kw), manifest, samples)]
-            tb = bench_items(manifest, work, f"{place}_teacher_bound", alone[0] / 2, **kw)
-            alone.append(workers_alone(base.replace(**kw), manifest, samples))
-            cb = bench_items(manifest, work, f"{place}_cpu_bound", alone[1] * 2, **kw)
-            alone.append(workers_alone(base.replace(**kw), manifest, samples))
+            # capacity, job, capacity, job, ...: each job is compared with the capacity around it
+            alone = [workers_alone(cfg, manifest, samples)]
+            teacher_bound, cpu_bound = [], []
+            for r in range(args.repeats):
+                teacher_bound.append(bench_items(manifest, work, f"{place}_teacher_bound{r}", alone[-1] / 2, **kw))
+                alone.append(workers_alone(cfg, manifest, samples))
+                cpu_bound.append(bench_items(manifest, work, f"{place}_cpu_bound{r}", alone[-1] * 2, **kw))
+                alone.append(workers_alone(cfg, manifest, samples))
         finally:
             if place == "ray":
                 ray.shutdown()
         caps[place] = [round(a, 1) for a in alone]
-        jobs[f"{place}_teacher_bound"], jobs[f"{place}_cpu_bound"] = tb, cb
+        jobs[f"{place}_teacher_bound"], jobs[f"{place}_cpu_bound"] = teacher_bound, cpu_bound
         prefix = "cache" if place == "local" else "cluster"
-        result[f"{prefix}_eff_teacher_bound"] = round(tb["images_per_s"] / tb["teacher_images_per_s"], 3)
-        result[f"{prefix}_eff_cpu_bound"] = round(cb["images_per_s"] / statistics.mean(alone[1:]), 3)
+        result[f"{prefix}_eff_teacher_bound"] = round(statistics.median(
+            j["images_per_s"] / j["teacher_images_per_s"] for j in teacher_bound), 3)
+        result[f"{prefix}_eff_cpu_bound"] = round(statistics.median(
+            j["images_per_s"] / statistics.mean(alone[2 * r + 1:2 * r + 3]) for r, j in enumerate(cpu_bound)), 3)
     result["workers_alone_images_per_s"] = caps
-    result["cache_eff_cpu_bound_vs_cpu_time_capacity"] = round(jobs["local_cpu_bound"]["images_per_s"]
-                                                               / cpu_time_capacity, 3)
+    result["cache_eff_cpu_bound_vs_cpu_time_capacity"] = round(statistics.median(
+        j["images_per_s"] for j in jobs["local_cpu_bound"]) / cpu_time_capacity, 3)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         jobs["ray_job_teacher_bound"] = bench_ray_job(manifest, work, caps["local"][-1] / 2, args.workers)
@@ -378,16 +387,25 @@ def main(argv=None) -> int:
                                                 / jobs["ray_job_teacher_bound"]["teacher_images_per_s"], 3)
 
     if not args.skip_student:
-        cache = jobs["local_cpu_bound"]["cache"]
+        cache = jobs["local_cpu_bound"][0]["cache"]
         cpu_capacity = result["replay_capacity_per_core"] * args.workers
         # the loader with a step 50x faster than it: its own rate, now (what the step must not slow)
-        alone = student_rate(cache, manifest, work, 50 * cpu_capacity, args.workers)
-        step_bound = student_rate(cache, manifest, work, alone["images_per_s"] / 2, args.workers)
-        cpu_bound = student_rate(cache, manifest, work, alone["images_per_s"] * 2, args.workers)
+        # the loader with a step 50x faster than it: its own rate, now (what the step must not slow)
+        alone = [student_rate(cache, manifest, work, 50 * cpu_capacity, args.workers)]
+        step_bound, cpu_bound = [], []
+        for _ in range(args.repeats):
+            step_bound.append(student_rate(cache, manifest, work, alone[-1]["images_per_s"] / 2, args.workers))
+            alone.append(student_rate(cache, manifest, work, 50 * cpu_capacity, args.workers))
+            cpu_bound.append(student_rate(cache, manifest, work, alone[-1]["images_per_s"] * 2, args.workers))
+            alone.append(student_rate(cache, manifest, work, 50 * cpu_capacity, args.workers))
+        loader = [a["images_per_s"] for a in alone]
         result["students"] = {"loader_alone": alone, "step_bound": step_bound, "cpu_bound": cpu_bound}
-        result["student_eff_step_bound"] = round(step_bound["images_per_s"] / step_bound["step_images_per_s"], 3)
-        result["student_eff_cpu_bound"] = round(cpu_bound["images_per_s"] / alone["images_per_s"], 3)
-        result["student_eff_cpu_bound_vs_cpu_time_capacity"] = round(cpu_bound["images_per_s"] / cpu_capacity, 3)
+        result["student_eff_step_bound"] = round(statistics.median(
+            j["images_per_s"] / j["step_images_per_s"] for j in step_bound), 3)
+        result["student_eff_cpu_bound"] = round(statistics.median(
+            j["images_per_s"] / statistics.mean(loader[2 * r + 1:2 * r + 3]) for r, j in enumerate(cpu_bound)), 3)
+        result["student_eff_cpu_bound_vs_cpu_time_capacity"] = round(statistics.median(
+            j["images_per_s"] for j in cpu_bound) / cpu_capacity, 3)
     # capacity again, to show how much the machine's load moved during the run
     torch.set_num_threads(1)
     after = bench_per_core(base, manifest, 1)
