@@ -1,7 +1,7 @@
 """Does the data path keep an accelerator busy? Replay speed, caching job and student, measured
 against a simulated accelerator (``teacher/simulated.py``: a forward that sleeps batch / rate).
 
-    python bench/accelerator.py            # ~8 min on 2 CPU cores; writes bench/results/accelerator.json
+    python bench/accelerator.py            # ~10 min on 2 CPU cores; writes bench/results/accelerator.json
 
 Data: ImageNet-like JPEG shards made from the real photos skimage and matplotlib ship offline
 (10 photos; each image a different random crop at an ImageNet-typical size such as 500x375,

@@ -51,6 +51,7 @@ class Batch:
     sample_id: np.ndarray
     view: np.ndarray
     buffer: torch.Tensor
+    released: bool = False
 
 
 class _Buffers:
@@ -223,6 +224,7 @@ class ItemFeed:
         """
         self.start(epoch, shard_index)
         item = self._items[epoch, shard_index]
+        x = None
         try:
             while (x := item.take()) is not _END:
                 if isinstance(x, BaseException):
@@ -231,13 +233,17 @@ class ItemFeed:
             skipped.extend(item.skipped)
             pids.update(item.pids)
         finally:
+            if isinstance(x, Batch) and not x.released:  # the teacher failed on it: reuse the buffer
+                self.release(x)
             if self._items.get((epoch, shard_index)) is item:
                 for batch in self._items.pop((epoch, shard_index)).cancel():
                     self._buffers.give(batch.buffer)
 
     def release(self, batch: Batch) -> None:
         """The teacher is done with ``batch`` (on CUDA: its copy to the device has completed)."""
-        self._buffers.give(batch.buffer)
+        if not batch.released:
+            batch.released = True
+            self._buffers.give(batch.buffer)
 
     def close(self) -> None:
         """Stop the threads and the workers."""
@@ -298,25 +304,31 @@ class ItemFeed:
         samples = item.wait_samples()
         size, cfg = self.cfg.batch_size, self.cfg
         buf, ids, views = None, [], []
-        for view in range(cfg.views):
-            for row in replay_items(samples, item.shard, cfg.aug, cfg.seed, item.epoch, view, self.out_size,
-                                    self.manifest.num_classes, skipped=item.skipped, pairs=item.pairs[view],
-                                    premixed=partial(self._finished, item, view)):
-                if buf is None:
-                    buf = self._buffers.take((size, *row.image.shape), self._stop)
+        try:
+            for view in range(cfg.views):
+                for row in replay_items(samples, item.shard, cfg.aug, cfg.seed, item.epoch, view, self.out_size,
+                                        self.manifest.num_classes, skipped=item.skipped, pairs=item.pairs[view],
+                                        premixed=partial(self._finished, item, view)):
                     if buf is None:
-                        return
-                buf[len(ids)].copy_(row.image)
-                ids.append(row.sample_id)
-                views.append(view)
-                if len(ids) == size:
-                    if not self._hand_over(item, buf, ids, views):
-                        return
-                    buf, ids, views = None, [], []
-        if ids:
-            self._hand_over(item, buf, ids, views)
+                        buf = self._buffers.take((size, *row.image.shape), self._stop)
+                        if buf is None:
+                            return
+                    buf[len(ids)].copy_(row.image)
+                    ids.append(row.sample_id)
+                    views.append(view)
+                    if len(ids) == size:
+                        handed, buf, ids, views = self._hand_over(item, buf, ids, views), None, [], []
+                        if not handed:
+                            return
+            if ids:
+                self._hand_over(item, buf, ids, views)
+                buf = None
+        finally:
+            if buf is not None:  # cancelled or failed mid-batch: the buffer goes back
+                self._buffers.give(buf)
 
     def _hand_over(self, item: _Item, buf: torch.Tensor, ids: list, views: list) -> bool:
+        """Queue a full buffer as the item's next batch (or give it back if the item was dropped)."""
         batch = Batch(buf[:len(ids)], np.array(ids, dtype=np.int64), np.array(views, dtype=np.int64), buf)
         if not item.offer(batch):
             self._buffers.give(buf)

@@ -12,6 +12,7 @@ order, teacher batches are fixed slices of it, and every pixel is a pure functio
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -76,16 +77,17 @@ def score_item(feed: ItemFeed, teacher, epoch: int, shard_index: int, prefetch: 
     pids: set[int] = set()
     ids, views, logprobs, indices = [], [], [], []
     wait, waited = 0.0, time.perf_counter()
-    for batch in feed.batches(epoch, shard_index, skipped, pids):
-        wait += time.perf_counter() - waited
-        out = teacher.score(batch.images)
-        ids.append(batch.sample_id)
-        views.append(batch.view)
-        logprobs.append(out.logprobs.float().cpu().numpy())
-        indices.append(out.indices.cpu().numpy())
-        feed.release(batch)  # after .cpu(): a non_blocking copy from it has completed
-        _maybe_die(fault_marker)
-        waited = time.perf_counter()
+    with contextlib.closing(feed.batches(epoch, shard_index, skipped, pids)) as batches:
+        for batch in batches:  # closed on an error too: the feed gets the batch's buffer back
+            wait += time.perf_counter() - waited
+            out = teacher.score(batch.images)
+            ids.append(batch.sample_id)
+            views.append(batch.view)
+            logprobs.append(out.logprobs.float().cpu().numpy())
+            indices.append(out.indices.cpu().numpy())
+            feed.release(batch)  # after .cpu(): a non_blocking copy from it has completed
+            _maybe_die(fault_marker)
+            waited = time.perf_counter()
     k = teacher.k
     return Scored(np.concatenate(ids) if ids else np.zeros(0, np.int64),
                   np.concatenate(views) if views else np.zeros(0, np.int64),

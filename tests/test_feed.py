@@ -256,3 +256,30 @@ def test_actor_keeps_its_worker_processes(ray_session, fmnist_shards, teacher_ck
         assert first["worker_pids"] and second["worker_pids"]
     finally:
         ray_session.kill(actor)
+
+
+def test_failed_batches_give_their_buffers_back(fmnist_shards, teacher_ckpt, tmp_path):
+    """A teacher error on every item must not use up the feed's batch buffers (it would hang)."""
+    from pipeline.work import score_item
+
+    cfg = make_cfg(fmnist_shards / "train", tmp_path / "c.zarr", {**TINY_TEACHER, "checkpoint": teacher_ckpt},
+                   batch_size=16)
+    m = load_manifest(cfg.shards)
+    teacher = make_teacher(cfg)
+
+    class Failing:
+        k = teacher.k
+
+        def score(self, images):
+            raise RuntimeError("teacher failed")
+
+    feed = ItemFeed(cfg, m, 32, pool=InlinePool())
+    try:
+        for _ in range(3):
+            for s in m.shards:  # 12 failed items > the 5 buffers a feed has
+                with pytest.raises(RuntimeError, match="teacher failed"):
+                    score_item(feed, Failing(), 0, s.index, prefetch=(0, (s.index + 1) % len(m.shards)))
+        scored = score_item(feed, teacher, 0, 0)
+        assert len(scored.sample_id) == cfg.views * m.shards[0].count
+    finally:
+        feed.close()
