@@ -8,11 +8,14 @@ Run it locally (embedded Ray) or on a cluster::
 
 Work items are ``(epoch, shard)`` pairs whose done marker is not yet in the cache, so
 re-running the same command resumes (a re-run with nothing left says "12/12 items done,
-nothing to run"). A resume compares the job's provenance with the cache's; paths are
-compared by what they point to (manifest and checkpoint sha256), not by how they are spelled. A pool of :class:`TeacherActor` (one GPU each, or one
-CPU each on a laptop) runs :func:`pipeline.work.run_item` on them; each actor decodes and
-replays its shard in ``num_workers`` DataLoader processes. An actor that dies (OOM, node
-loss, ``os._exit``) is re-created and its item resubmitted, up to ``max_retries`` times.
+nothing to run"). A resume compares the job's provenance with the cache's; paths are compared
+by what they point to (manifest and checkpoint sha256), not by how they are spelled. With a
+learned tail, one actor fits its basis (``pipeline.calibrate``) before any item. A pool of :class:`TeacherWorker` actors (one GPU each,
+or one CPU each on a laptop) runs :func:`pipeline.work.run_item` on them. Each actor keeps
+its replay workers for its whole life (``num_workers`` processes beside it, or Ray tasks on
+any node with ``replay: ray``), and every call names the actor's next item, which is replayed
+while the teacher scores the current one. An actor that dies (OOM, node loss, ``os._exit``,
+a replay worker lost) is re-created and its item resubmitted, up to ``max_retries`` times.
 Data errors (truncated tar, missing shard) are not retried: the job finishes every other
 item and then raises :class:`CacheJobError` naming the shards.
 """
@@ -40,14 +43,27 @@ import argparse
 import dataclasses
 import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pipeline.cli import add_debug_flag, plural
-from pipeline.config import ConfigBase, check, load_config
-from pipeline.plan import AugConfig, fingerprint
-from teacher.model import TeacherConfig, build_teacher, file_sha256
-from teacher.tail import TailConfig
+from pipeline.config import load_config
+from pipeline.job import (  # noqa: F401  (the job's config and provenance, re-exported)
+    CacheJobConfig,
+    absolute_paths,
+    cache_attrs,
+    check_manifest,
+    checkpoint_sha256,
+    make_teacher,
+    open_writer,
+    package_version,
+    resume_attrs,
+)
+from pipeline.feed import ItemFeed
+from pipeline.pool import BrokenProcessPool
+from pipeline.work import run_item
+from teacher.device import pin_memory
 
 PROG = "python -m pipeline.cache"
 FORMAT_NOTE = "kdcache teacher cache"
@@ -58,159 +74,14 @@ class CacheJobError(RuntimeError):
     """The job finished what it could but some work items failed (names them)."""
 
 
-@dataclass
-class CacheJobConfig(ConfigBase):
-    """Everything that defines a teacher cache (values only; saved in the cache attrs).
-
-    Args:
-        shards: split directory with ``manifest.json`` (see pipeline.shards).
-        out: cache path (local directory or fsspec URL).
-        epochs, views: rows are (epoch, sample_id, view) for epoch < epochs, view < views.
-        k: top-k logits stored per row.
-        seed: augmentation plan seed.
-        batch_size: teacher batch size.
-        num_workers: decode/replay processes per actor (0 = in the actor process).
-        actors: teacher actors; 0 = one per GPU, else CPUs // (1 + num_workers).
-        max_retries: re-runs of a work item whose actor died.
-        aug: the augmentation plan; teacher: the model; tail: the learned tail (teacher/tail.py).
-    """
-
-    shards: str = ""
-    out: str = ""
-    epochs: int = 1
-    views: int = 1
-    k: int = 10
-    seed: int = 0
-    batch_size: int = 64
-    num_workers: int = 2
-    actors: int = 0
-    max_retries: int = 3
-    aug: AugConfig = field(default_factory=AugConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    tail: TailConfig = field(default_factory=TailConfig)
-
-    def __post_init__(self) -> None:
-        check(bool(self.shards), "shards", "set the split directory (holding manifest.json)")
-        check(bool(self.out), "out", "set the cache path")
-        for name in ("epochs", "views", "k", "batch_size"):
-            check(getattr(self, name) >= 1, name, f"must be >= 1, found {getattr(self, name)}")
-        for name in ("num_workers", "actors", "max_retries"):
-            check(getattr(self, name) >= 0, name, f"must be >= 0, found {getattr(self, name)}")
-        check(self.k <= self.teacher.num_classes, "k",
-              f"must be <= teacher.num_classes={self.teacher.num_classes}, found {self.k}")
-
-
-# --------------------------------------------------------------------------- provenance
-
-def checkpoint_sha256(t: TeacherConfig) -> str:
-    """Same value as ``Teacher.checkpoint_sha256``, without building the model."""
-    if t.checkpoint:
-        return file_sha256(t.checkpoint)
-    return f"callable:{t.callable}" if t.callable else "random"
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("kdcache")
-    except Exception:  # running from a bare checkout
-        return "unknown"
-
-
-# Path fields of the stored job config -> the attr that says what they point to. A resume
-# compares that content identity, not the spelling ("runs/x" vs "/home/me/runs/x", a moved dataset).
-PATH_FIELDS = {("shards",): "manifest_sha256", ("teacher", "checkpoint"): "checkpoint_sha256"}
-
-
-def _absolute(path: str | None) -> str | None:
-    return os.path.abspath(path) if path and "://" not in path else path
-
-
-def absolute_paths(cfg: CacheJobConfig) -> CacheJobConfig:
-    """``cfg`` with local paths made absolute (URLs kept): Ray actors do not share the driver's
-    working directory, and the job config stored in the cache must work from anywhere."""
-    return cfg.replace(shards=_absolute(cfg.shards), out=_absolute(cfg.out),
-                       teacher=cfg.teacher.replace(checkpoint=_absolute(cfg.teacher.checkpoint)))
-
-
-def cache_attrs(cfg: CacheJobConfig, manifest) -> dict:
-    """Provenance stored in the cache group attrs (compared again on every resume)."""
-    t = cfg.teacher
-    job = {k: v for k, v in absolute_paths(cfg).to_dict().items()
-           if k not in ("batch_size", "num_workers", "actors", "max_retries", "out")}
-    return {
-        "teacher": t.name if not t.callable else t.callable,
-        "checkpoint_sha256": checkpoint_sha256(t),
-        "num_classes": t.num_classes,
-        "classes": list(manifest.classes),
-        "input_size": t.input_size,
-        "mean": list(t.mean),
-        "std": list(t.std),
-        "k": cfg.k,
-        "epochs": cfg.epochs,
-        "views": cfg.views,
-        "seed": cfg.seed,
-        "aug": cfg.aug.to_dict(),
-        "fingerprint": fingerprint(cfg.aug),
-        "manifest_sha256": manifest.sha256,
-        "num_samples": manifest.num_samples,
-        "shard_size": manifest.shard_size,
-        "package_version": package_version(),
-        # what does not change the rows is left out, so a resume may use other batch sizes
-        "job": job,
-    }
-
-
-def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
-    """``attrs`` with the existing cache's spelling of each path that points to the same content.
-
-    storage compares attrs for equality on reopen; a path field whose content identity (manifest
-    or checkpoint sha256) matches the cache's takes the cache's stored value, so only a real
-    difference (another dataset, another teacher file, another config value) is refused.
-    """
-    from storage import CacheMismatchError, open_cache
-
-    try:
-        stored = open_cache(cfg.out).attrs
-    except (FileNotFoundError, KeyError, CacheMismatchError):
-        return attrs  # no complete cache there: create_cache creates it or names the mismatch
-    out = json.loads(json.dumps(attrs))
-    for (*parents, leaf), identity in PATH_FIELDS.items():
-        mine, theirs = out["job"], stored.get("job", {})
-        for key in parents:
-            mine, theirs = mine.get(key, {}), theirs.get(key, {})
-        if stored.get(identity) == attrs[identity] and leaf in theirs:
-            mine[leaf] = theirs[leaf]
-    return out
-
-
-def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
-    """Create the cache, or reopen it for a resume (storage checks attrs are identical)."""
-    from storage import create_cache
-
-    return create_cache(
-        cfg.out, shards=manifest.shards, shard_size=manifest.shard_size,
-        num_samples=manifest.num_samples, epochs=cfg.epochs, views=cfg.views, k=cfg.k,
-        num_classes=cfg.teacher.num_classes, attrs=attrs, tail_dim=cfg.tail.dim,
-    )
-
-
-def check_manifest(cfg: CacheJobConfig, manifest) -> None:
-    check(manifest.num_classes == cfg.teacher.num_classes, "teacher.num_classes",
-          f"dataset {cfg.shards} has {manifest.num_classes} classes, teacher has {cfg.teacher.num_classes}")
-
-
 # --------------------------------------------------------------------------- Ray actors
 
-def make_teacher(cfg: CacheJobConfig, device: str = "cpu"):
-    """The job's teacher: top-``cfg.k``, fed images normalized with the plan's mean/std."""
-    return build_teacher(cfg.teacher, device=device, k=cfg.k,
-                         input_mean=cfg.aug.mean, input_std=cfg.aug.std)
-
-
 class TeacherWorker:
-    """One teacher on one device plus a cache writer; runs work items (a Ray actor)."""
+    """One teacher on one device, its replay workers and a cache writer; runs work items (a Ray actor).
+
+    The replay workers (``pipeline.work.ItemFeed``) start with the actor, before the teacher is
+    built, and serve every item it runs.
+    """
 
     def __init__(self, cfg_dict: dict, attrs: dict, fault_marker: str | None = None):
         import torch
@@ -220,15 +91,19 @@ class TeacherWorker:
         self.cfg = CacheJobConfig.from_dict(cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.manifest = load_manifest(self.cfg.shards)
+        self.feed = ItemFeed(self.cfg, self.manifest, self.cfg.teacher.input_size, pin=pin_memory(self.device))
         self.teacher = make_teacher(self.cfg, self.device)
         self.writer = open_writer(self.cfg, self.manifest, attrs)
         self.fault_marker = fault_marker
 
-    def run(self, epoch: int, shard_index: int) -> dict:
-        from pipeline.work import run_item
-
-        result = run_item(self.cfg, epoch, shard_index, teacher=self.teacher, writer=self.writer,
-                          manifest=self.manifest, fault_marker=self.fault_marker)
+    def run(self, epoch: int, shard_index: int, prefetch: tuple[int, int] | None = None) -> dict:
+        """Cache (epoch, shard); replay ``prefetch``, the next item asked of this actor, meanwhile."""
+        try:
+            result = run_item(self.cfg, epoch, shard_index, teacher=self.teacher, writer=self.writer,
+                              manifest=self.manifest, feed=self.feed, prefetch=prefetch,
+                              fault_marker=self.fault_marker)
+        except BrokenProcessPool:
+            os._exit(4)  # a replay worker died (OOM?): the job retries the item on a fresh actor
         return dataclasses.asdict(result)
 
     def calibrate(self) -> bool:
@@ -239,6 +114,9 @@ class TeacherWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def worker_pids(self) -> list[int]:
+        return list(self.feed.pool.pids)
 
 
 def connect_ray(address: str | None) -> bool:
@@ -258,12 +136,9 @@ def connect_ray(address: str | None) -> bool:
 def _auto_actors(cfg: CacheJobConfig) -> tuple[int, dict]:
     import ray
 
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    if gpus:
-        return (cfg.actors or gpus), {"num_gpus": 1, "num_cpus": 1}
-    cpus = int(res.get("CPU", 1))
-    return (cfg.actors or max(1, cpus // (1 + cfg.num_workers))), {"num_cpus": 1}
+    from teacher.device import actor_plan
+
+    return actor_plan(ray.cluster_resources(), cfg.actors, cfg.num_workers, cfg.replay)
 
 
 # --------------------------------------------------------------------------- the job
@@ -292,6 +167,107 @@ def write_summary(cfg: CacheJobConfig, summary: dict) -> str:
     return path
 
 
+@dataclass
+class _Tally:
+    """What the actors did so far."""
+
+    images: int = 0
+    retries: int = 0
+    startup: float = 0.0
+    skipped: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    results: list = field(default_factory=list)
+
+
+class _Slots:
+    """Work items to actor slots: one call in flight per slot.
+
+    Each call also names the slot's *next* item (taken from the queue now), which the actor
+    replays while its teacher scores the current one; that item is the slot's next call.
+    A slot whose actor died gets a fresh actor; its item and its next item go back to the
+    front of the queue.
+    """
+
+    def __init__(self, todo: list, new_actor, n_actors: int):
+        self.queue, self.new_actor = deque(todo), new_actor
+        self.actors = [new_actor() for _ in range(n_actors)]
+        self.next: list[tuple[int, int] | None] = [None] * n_actors
+        self.running: dict[Any, tuple[int, tuple[int, int]]] = {}  # ref -> (slot, item)
+
+    def submit(self, slot: int) -> None:
+        item, self.next[slot] = self.next[slot], None
+        if item is None and self.queue:
+            item = self.queue.popleft()
+        if item is None:
+            return
+        self.next[slot] = self.queue.popleft() if self.queue else None
+        self.running[self.actors[slot].run.remote(*item, prefetch=self.next[slot])] = (slot, item)
+
+    def restart(self, slot: int, item: tuple[int, int] | None) -> None:
+        for back in (self.next[slot], item):
+            if back is not None:
+                self.queue.appendleft(back)
+        self.next[slot] = None
+        self.actors[slot] = self.new_actor()
+        self.submit(slot)
+
+
+def _run_items(cfg: CacheJobConfig, attrs: dict, todo: list, fault_marker: str | None, progress: bool,
+               t0: float) -> _Tally:
+    """Run ``todo`` on a pool of teacher actors; retry items whose actor died."""
+    import ray
+    from tqdm import tqdm
+
+    tally = _Tally()
+    n_actors, options = _auto_actors(cfg)
+    actor_cls = ray.remote(TeacherWorker).options(**options)
+    cfg_dict = cfg.to_dict()
+    slots = _Slots(todo, lambda: actor_cls.remote(cfg_dict, attrs, fault_marker), min(n_actors, len(todo)))
+    try:  # a teacher that cannot be built is a config error: fail now, do not retry
+        ray.get([a.pid.remote() for a in slots.actors])
+    except ray.exceptions.RayActorError as err:
+        raise CacheJobError(f"{cfg.out}: could not start a teacher actor: {err}") from None
+    # the tail basis is global: one actor fits it before any item is handed out
+    ray.get(slots.actors[0].calibrate.remote())
+    tally.startup = time.perf_counter() - t0
+    attempts: dict[tuple[int, int], int] = {}
+    for slot in range(len(slots.actors)):
+        slots.submit(slot)
+    bar = tqdm(total=len(todo), unit="item", disable=not progress, file=sys.stderr, desc=f"caching {cfg.out}")
+    while slots.running:
+        (ref,), _ = ray.wait(list(slots.running), num_returns=1)
+        slot, item = slots.running.pop(ref)
+        try:
+            res = ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            attempts[item] = attempts.get(item, 0) + 1
+            if attempts[item] > cfg.max_retries:
+                tally.failed.append({"epoch": item[0], "shard": item[1],
+                                     "error": f"actor died {attempts[item]} times: {err}"})
+                item = None
+            else:
+                tally.retries += 1
+            slots.restart(slot, item)  # the old actor is gone; start over on this slot
+            continue
+        except ray.exceptions.RayTaskError as err:
+            # data errors (truncated/missing shard) are deterministic: do not retry
+            cause = err.cause if getattr(err, "cause", None) is not None else err
+            tally.failed.append({"epoch": item[0], "shard": item[1], "error": f"{type(cause).__name__}: {cause}"})
+            bar.update(1)
+            slots.submit(slot)
+            continue
+        tally.results.append(res)
+        tally.images += res["images"]
+        tally.skipped.extend(res["skipped"])
+        bar.update(1)
+        bar.set_postfix_str(f"{tally.images / max(time.perf_counter() - t0, 1e-9):.1f} img/s")
+        slots.submit(slot)
+    bar.close()
+    for actor in slots.actors:
+        ray.kill(actor)
+    return tally
+
+
 def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool = True,
             fault_marker: str | None = None) -> dict:
     """Cache every pending (epoch, shard) item of ``cfg``; returns the summary dict.
@@ -299,9 +275,6 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     Raises CacheJobError (after finishing all other items and writing the summary) when
     some items failed for good.
     """
-    import ray
-    from tqdm import tqdm
-
     from pipeline.shards import class_mix_warning, load_manifest
 
     cfg = absolute_paths(cfg)
@@ -317,82 +290,20 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
         return _summarize(cfg, manifest, done_before, todo, [], 0, 0.0, 0, [], [])
     fault_marker = fault_marker or os.environ.get(FAULT_ENV) or None
 
-    started_ray = connect_ray(address) if todo else False
+    started_ray = connect_ray(address)
     t0 = time.perf_counter()
-    images, retries, skipped, failed, results = 0, 0, [], [], []
-    startup = 0.0
     try:
-        if todo:
-            n_actors, options = _auto_actors(cfg)
-            n_actors = min(n_actors, len(todo))
-            actor_cls = ray.remote(TeacherWorker).options(**options)
-            cfg_dict = cfg.to_dict()
-
-            def new_actor():
-                return actor_cls.remote(cfg_dict, attrs, fault_marker)
-
-            actors = [new_actor() for _ in range(n_actors)]
-            try:  # a teacher that cannot be built is a config error: fail now, do not retry
-                ray.get([a.pid.remote() for a in actors])
-            except ray.exceptions.RayActorError as err:
-                raise CacheJobError(f"{cfg.out}: could not start a teacher actor: {err}") from None
-            # the tail basis is global: one actor fits it before any item is handed out
-            ray.get(actors[0].calibrate.remote())
-            startup = time.perf_counter() - t0
-            queue = list(todo)
-            attempts: dict[tuple[int, int], int] = {}
-            running: dict[Any, tuple[int, tuple[int, int]]] = {}  # ref -> (actor slot, item)
-
-            def submit(slot: int) -> None:
-                if queue:
-                    item = queue.pop(0)
-                    running[actors[slot].run.remote(*item)] = (slot, item)
-
-            for slot in range(n_actors):
-                submit(slot)
-            bar = tqdm(total=len(todo), unit="item", disable=not progress, file=sys.stderr,
-                       desc=f"caching {cfg.out}")
-            while running:
-                (ref,), _ = ray.wait(list(running), num_returns=1)
-                slot, item = running.pop(ref)
-                try:
-                    res = ray.get(ref)
-                except ray.exceptions.RayActorError as err:
-                    attempts[item] = attempts.get(item, 0) + 1
-                    if attempts[item] > cfg.max_retries:
-                        failed.append({"epoch": item[0], "shard": item[1],
-                                       "error": f"actor died {attempts[item]} times: {err}"})
-                    else:
-                        retries += 1
-                        queue.insert(0, item)
-                    actors[slot] = new_actor()  # the old one is gone; start over on this slot
-                    submit(slot)
-                    continue
-                except ray.exceptions.RayTaskError as err:
-                    # data errors (truncated/missing shard) are deterministic: do not retry
-                    cause = err.cause if getattr(err, "cause", None) is not None else err
-                    failed.append({"epoch": item[0], "shard": item[1],
-                                   "error": f"{type(cause).__name__}: {cause}"})
-                    bar.update(1)
-                    submit(slot)
-                    continue
-                results.append(res)
-                images += res["images"]
-                skipped.extend(res["skipped"])
-                bar.update(1)
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix_str(f"{images / max(elapsed, 1e-9):.1f} img/s")
-                submit(slot)
-            bar.close()
-            for actor in actors:
-                ray.kill(actor)
+        tally = _run_items(cfg, attrs, todo, fault_marker, progress, t0)
     finally:
         if started_ray:
+            import ray
+
             ray.shutdown()
 
     seconds = time.perf_counter() - t0
-    summary = _summarize(cfg, manifest, done_before, todo, results, images, seconds,
-                         retries, skipped, failed, startup)
+    failed = tally.failed
+    summary = _summarize(cfg, manifest, done_before, todo, tally.results, tally.images, seconds,
+                         tally.retries, tally.skipped, failed, tally.startup)
     summary["summary_path"] = write_summary(cfg, summary)
     if failed:
         lines = "\n".join(f"  epoch {f['epoch']} shard {f['shard']}: {f['error']}" for f in failed)
@@ -446,7 +357,7 @@ def report(summary: dict) -> str:
 
 
 HINTS = {
-    "ConfigError": "configs/cache/*.yaml show the keys; CacheJobConfig in pipeline/cache.py documents them",
+    "ConfigError": "configs/cache/*.yaml show the keys; CacheJobConfig in pipeline/job.py documents them",
     "CacheMismatchError": "a cache resumes only under the job config that made it; set out= to a new path "
                           "for a new cache",
 }

@@ -8,6 +8,9 @@ from a Philox generator keyed on exactly those integers; ``apply(image, params,
 out_size, cfg)`` performs them.  No global RNG is touched, so the same
 (seed, epoch, sample_id, view) gives bit-identical pixels in any process, worker,
 batch or shard order — the teacher job and the student loader replay the same image.
+``apply`` is ``finish(augment(...))``: ``augment`` is the uint8 PIL stage (crop, flip,
+RandAugment) that decode workers run, ``finish`` the float stage (normalize, erase) that
+can run where the images are batched, so workers and the object store carry uint8.
 
 Geometry is resolution independent: the crop box is stored in normalized *source*
 coordinates and the erase / CutMix boxes in normalized *output* coordinates, so a
@@ -375,13 +378,13 @@ def _to_pixels(box: tuple[float, float, float, float], size: int) -> tuple[int, 
     return tuple(min(max(int(round(v * size)), 0), size) for v in box)
 
 
-def apply(image: Image.Image, params: AugParams, out_size: int, cfg: AugConfig) -> torch.Tensor:
-    """Perform ``params`` on ``image``: crop+resize, flip, RandAugment, normalize, erase.
+def augment(image: Image.Image, params: AugParams, out_size: int, cfg: AugConfig) -> np.ndarray:
+    """The uint8 stage of :func:`apply`: crop+resize, flip and RandAugment.
 
-    Returns a float32 tensor [3, out_size, out_size], normalized with ``cfg.mean/std``;
-    no mixing (see :func:`mix`).  The crop is ``image.resize(..., box=<float box>)`` from
-    the normalized box, so any ``out_size`` shows the same content; translate (a fraction
-    of the side) and the erase box scale with ``out_size``.
+    Returns an HWC uint8 array [out_size, out_size, 3]. It is 4x smaller than the float
+    image, so decode workers hand this to the process that batches (see :func:`finish`).
+    The crop is ``image.resize(..., box=<float box>)`` from the normalized box, so any
+    ``out_size`` shows the same content; translate (a fraction of the side) scales with it.
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -397,13 +400,32 @@ def apply(image: Image.Image, params: AugParams, out_size: int, cfg: AugConfig) 
         for op in params.ops:
             if op.applied:
                 img = apply_op(img, op.name, op.magnitude, op.negate, fill, resample)
+    return np.array(img, dtype=np.uint8)
+
+
+def finish(pixels: np.ndarray, params: AugParams, cfg: AugConfig) -> torch.Tensor:
+    """The float stage of :func:`apply`: normalize ``augment``'s uint8 pixels, then erase.
+
+    Returns float32 [3, H, W]; the erase box scales with the size.
+    """
     scale, bias = _norm_affine(cfg.mean, cfg.std)
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
-    x = pixels.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    if not pixels.flags.writeable:  # e.g. zero-copy from Ray's object store; torch wants writable
+        pixels = pixels.copy()
+    x = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
     x.mul_(scale).add_(bias)
     if params.erase is not None:
         _erase(x, params.erase, params.noise_seed, cfg.re_mode)
     return x
+
+
+def apply(image: Image.Image, params: AugParams, out_size: int, cfg: AugConfig) -> torch.Tensor:
+    """Perform ``params`` on ``image``: crop+resize, flip, RandAugment, normalize, erase.
+
+    Returns a float32 tensor [3, out_size, out_size], normalized with ``cfg.mean/std``;
+    no mixing (see :func:`mix`). Equal to ``finish(augment(...))``, the two stages that
+    may run in different processes.
+    """
+    return finish(augment(image, params, out_size, cfg), params, cfg)
 
 
 def _erase(x: torch.Tensor, box: tuple, noise_seed: int, mode: str) -> None:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from pipeline.plan import AugConfig, apply, mix, sample_params, soft_label
+from pipeline.plan import AugConfig, AugParams, apply, mix, sample_params, soft_label
 from pipeline.shards import RawSample, SampleError, ShardError, ShardInfo, decode_image
 
 SkipSink = list | Callable[[dict], None] | None
@@ -63,6 +63,7 @@ def replay_items(
     skipped: SkipSink = None,
     decoded: dict | None = None,
     extra_size: int | None = None,
+    premixed: Callable[[int], tuple[AugParams, torch.Tensor] | SampleError] | None = None,
 ) -> Iterator[ReplayItem]:
     """Augmented, mixed items of one shard for one (epoch, view), in mix-pair order.
 
@@ -80,19 +81,31 @@ def replay_items(
             e.g. shared across the views of one shard so each image is decoded once.
         extra_size: also render every item at this size into ``ReplayItem.extra`` (the same
             plan, boxes in normalized coordinates, at another resolution).
+        premixed: optional source of pre-mix images made elsewhere, e.g. by decode workers
+            (``pipeline.premix``): ``sid -> (params, apply's float image at out_size)`` or the
+            sample's SampleError; then nothing is decoded or augmented here, only mixed
+            (not with ``extra_size``).
 
     Yields:
         ReplayItem per usable sample; each pre-mix image is augmented exactly once.
     """
     if len(samples) != shard.count:
         raise ShardError(f"shard {shard.name}: {len(samples)} samples given, manifest says {shard.count}")
+    if premixed is not None and extra_size is not None:
+        raise ValueError("replay_items: premixed images come at out_size only; extra_size needs a replay here")
     by_id = {s.sample_id: s for s in samples}
     decoded = {} if decoded is None else decoded
     uses = Counter(i for pair in pairs for i in pair)   # drop tensors once no pair needs them
     augmented: dict[tuple[int, int], torch.Tensor] = {}
     params: dict[int, object] = {}
 
-    def image_of(sid: int) -> Image.Image | SampleError:
+    made: dict[int, tuple | SampleError] = {}  # this view's pre-mix images from ``premixed``
+
+    def image_of(sid: int) -> Image.Image | tuple | SampleError:
+        if premixed is not None:
+            if sid not in made:
+                made[sid] = premixed(sid)
+            return made[sid]
         if sid not in decoded:
             try:
                 decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose)
@@ -102,7 +115,10 @@ def replay_items(
 
     def augmented_of(sid: int, size: int = out_size) -> torch.Tensor:
         if (sid, size) not in augmented:
-            augmented[sid, size] = apply(image_of(sid), params_of(sid), size, cfg)
+            if premixed is not None:
+                augmented[sid, size] = image_of(sid)[1]
+            else:
+                augmented[sid, size] = apply(image_of(sid), params_of(sid), size, cfg)
         return augmented[sid, size]
 
     def mixed(a: int, b: int, pa, size: int) -> torch.Tensor:
@@ -113,7 +129,10 @@ def replay_items(
 
     def params_of(sid: int):
         if sid not in params:
-            params[sid] = sample_params(cfg, seed, epoch, sid, view, image_of(sid).size)
+            if premixed is not None:
+                params[sid] = image_of(sid)[0]
+            else:
+                params[sid] = sample_params(cfg, seed, epoch, sid, view, image_of(sid).size)
         return params[sid]
 
     def record(sid: int, reason: str) -> dict:
@@ -142,6 +161,7 @@ def replay_items(
                 augmented.pop((sid, out_size), None)
                 augmented.pop((sid, extra_size), None)
                 params.pop(sid, None)
+                made.pop(sid, None)
 
 
 def collate(items: Sequence[ReplayItem]) -> dict:

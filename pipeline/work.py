@@ -1,24 +1,26 @@
 """One work item of the caching job: score every view of one (epoch, shard). No Ray here.
 
-:func:`run_item` reads the shard, replays the augmentation plan for every sample and view
-(``pipeline.replay``), scores the images with the teacher in batches and writes the rows
-through ``storage`` (data first, the item's done marker last). Tests and benchmarks call it
-directly; the Ray job (``pipeline.cache``) calls it inside its actors.
+:func:`run_item` takes the item's batches from an :class:`~pipeline.feed.ItemFeed` (replay
+ahead of the teacher with persistent workers, each sample decoded once), scores them with the
+teacher and writes the rows through ``storage`` (data first, the item's done marker last).
+Tests and benchmarks call it directly; the Ray job (``pipeline.cache``) calls it inside its
+actors, each of which keeps one feed for its whole life and names the item it will ask for
+next (``prefetch``), so the teacher never waits at an item boundary.
 
-Decoding + augmentation run in ``cfg.num_workers`` DataLoader processes, one part (about a
-teacher batch of mix pairs) of one view per task; results come back in order and teacher
-batches are fixed slices of the item's rows, so the stored values do not depend on the
-worker count or timing.
+Stored values do not depend on the worker count or timing: the feed's rows come in a fixed
+order, teacher batches are fixed slices of it, and every pixel is a pure function of the plan.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import torch
+
+from pipeline.feed import ItemFeed
+from teacher.device import pin_memory
 
 
 @dataclass
@@ -26,7 +28,8 @@ class ItemResult:
     """What one work item did.
 
     images: rows written (= scored images); skipped: one dict per row not written
-    (shard, key, epoch, view, reason); seconds: wall time of the item.
+    (shard, key, epoch, view, reason); seconds: wall time of the item; wait_seconds: time the
+    teacher waited for replayed batches; worker_pids: processes that replayed its samples.
     """
 
     epoch: int
@@ -35,67 +38,8 @@ class ItemResult:
     images: int
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-
-
-class _ReplayParts(torch.utils.data.Dataset):
-    """Element i = the replayed items of one part of one view of a shard.
-
-    A part is a contiguous slice of ``part_pairs`` mix pairs, so one view spreads over all
-    decode workers and the teacher starts scoring before a whole view is replayed.
-    Parts are listed view-major in pair order: concatenated, they give the same rows in the
-    same order as replaying each view whole.
-    """
-
-    def __init__(self, samples, shard, cfg, epoch: int, out_size: int, num_classes: int, part_pairs: int,
-                 cut):
-        from pipeline.schedule import shard_pairs
-
-        self.samples, self.shard, self.cfg = samples, shard, cfg
-        self.epoch, self.out_size, self.num_classes = epoch, out_size, num_classes
-        self.parts = []
-        for view in range(cfg.views):
-            pairs = shard_pairs(cut, view, shard)  # partners from the sample's student-epoch part
-            self.parts += [(view, pairs[i:i + part_pairs]) for i in range(0, len(pairs), part_pairs)]
-
-    def __len__(self) -> int:
-        return len(self.parts)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from pipeline.replay import replay_items
-
-        view, pairs = self.parts[index]
-        skipped: list = []
-        items = list(replay_items(self.samples, self.shard, self.cfg.aug, self.cfg.seed, self.epoch, view,
-                                  self.out_size, self.num_classes, pairs, skipped=skipped))
-        return {
-            "image": torch.stack([it.image for it in items]) if items else None,
-            "sample_id": np.array([it.sample_id for it in items], dtype=np.int64),
-            "view": np.full(len(items), view, dtype=np.int64),
-            "skipped": skipped,  # replay's records: {shard, key, sample_id, epoch, view, reason}
-        }
-
-
-def _slices(samples, shard, cfg, epoch, out_size, num_classes, cut):
-    """Yield the replayed parts in order, made in ``cfg.num_workers`` processes (0 = here)."""
-    workers = cfg.num_workers
-    # about one teacher batch per part (a pair gives two rows)
-    dataset = _ReplayParts(samples, shard, cfg, epoch, out_size, num_classes, max(1, cfg.batch_size // 2), cut)
-    if workers == 0:
-        yield from (dataset[i] for i in range(len(dataset)))
-        return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                         num_workers=min(workers, len(dataset)),
-                                         collate_fn=_identity, worker_init_fn=_one_thread,
-                                         multiprocessing_context="fork")
-    yield from loader
-
-
-def _identity(x):
-    return x
-
-
-def _one_thread(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # decode workers run side by side with the teacher's threads
+    wait_seconds: float = 0.0
+    worker_pids: list[int] = field(default_factory=list)
 
 
 def _maybe_die(fault_marker: str | None) -> None:
@@ -106,17 +50,71 @@ def _maybe_die(fault_marker: str | None) -> None:
         os._exit(3)
 
 
+@dataclass
+class Scored:
+    """The teacher's rows of one item, in row order, and what happened on the way."""
+
+    sample_id: np.ndarray   # int64 [R]
+    view: np.ndarray        # int64 [R]
+    logprobs: np.ndarray    # float32 [R, k]
+    indices: np.ndarray     # int64 [R, k]
+    logits: np.ndarray      # float32 [R, C]: full, for the exact tail mass, tail code and fidelity
+    skipped: list[dict]
+    worker_pids: list[int]
+    wait_seconds: float     # time the teacher waited for replayed batches
+
+
+def score_item(feed: ItemFeed, teacher, epoch: int, shard_index: int, prefetch: tuple[int, int] | None = None,
+               fault_marker: str | None = None) -> Scored:
+    """Score every row of (epoch, shard) from ``feed``; start replaying ``prefetch`` meanwhile.
+
+    Raises ShardError naming the shard for a missing/truncated tar.
+    """
+    feed.keep((epoch, shard_index), prefetch)
+    feed.start(epoch, shard_index)
+    if prefetch is not None:
+        feed.start(*prefetch)
+    skipped: list[dict] = []
+    pids: set[int] = set()
+    ids, views, logprobs, indices, logits = [], [], [], [], []
+    wait, waited = 0.0, time.perf_counter()
+    with contextlib.closing(feed.batches(epoch, shard_index, skipped, pids)) as batches:
+        for batch in batches:  # closed on an error too: the feed gets the batch's buffer back
+            wait += time.perf_counter() - waited
+            out = teacher.score(batch.images)
+            ids.append(batch.sample_id)
+            views.append(batch.view)
+            logprobs.append(out.logprobs.float().cpu().numpy())
+            indices.append(out.indices.cpu().numpy())
+            logits.append(out.logits.cpu().numpy())
+            feed.release(batch)  # after .cpu(): a non_blocking copy from it has completed
+            _maybe_die(fault_marker)
+            waited = time.perf_counter()
+    k, c = teacher.k, teacher.num_classes
+    return Scored(np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                  np.concatenate(views) if views else np.zeros(0, np.int64),
+                  np.concatenate(logprobs) if logprobs else np.zeros((0, k), np.float32),
+                  np.concatenate(indices) if indices else np.zeros((0, k), np.int64),
+                  np.concatenate(logits) if logits else np.zeros((0, c), np.float32),
+                  skipped, sorted(pids), wait)
+
+
 def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, manifest=None,
+             feed: ItemFeed | None = None, prefetch: tuple[int, int] | None = None,
              fault_marker: str | None = None) -> ItemResult:
     """Cache one (epoch, shard) work item.
 
     Args:
-        cfg: a ``pipeline.cache.CacheJobConfig``.
+        cfg: a ``pipeline.job.CacheJobConfig``.
         teacher: a built ``teacher.model.Teacher`` (built from ``cfg`` on CPU if None).
         writer: a ``storage.CacheWriter`` (created/reopened from ``cfg`` if None). A cache without
             its tail basis yet is calibrated first (``pipeline.calibrate``); the Ray job does that
             once before handing out items, so parallel actors never race on it.
         manifest: the loaded manifest of ``cfg.shards`` (loaded if None).
+        feed: the caller's persistent :class:`~pipeline.feed.ItemFeed` (else one is made for
+            this item and closed after it).
+        prefetch: the (epoch, shard) this feed will be asked for next: replayed while the
+            teacher scores this item.
         fault_marker: test hook, see :func:`_maybe_die`.
 
     Returns:
@@ -125,10 +123,9 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
     Raises:
         ShardError naming the shard for a missing/truncated tar; nothing is written then.
     """
-    from pipeline.cache import cache_attrs, make_teacher, open_writer
     from pipeline.calibrate import calibrate_tail
-    from pipeline.schedule import epoch_cut
-    from pipeline.shards import load_manifest, read_shard
+    from pipeline.job import cache_attrs, make_teacher, open_writer
+    from pipeline.shards import load_manifest
 
     t0 = time.perf_counter()
     manifest = manifest if manifest is not None else load_manifest(cfg.shards)
@@ -137,50 +134,18 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
     if not 0 <= epoch < cfg.epochs:
         raise IndexError(f"{cfg.out}: epoch {epoch} not in [0, {cfg.epochs})")
     teacher = teacher if teacher is not None else make_teacher(cfg, "cpu")
-    writer = writer if writer is not None else open_writer(cfg, manifest, cache_attrs(cfg, manifest))
-    calibrate_tail(cfg, manifest, teacher, writer)  # no-op once the cache holds its tail basis
-    shard = manifest.shards[shard_index]
-    samples = read_shard(manifest.url(shard), shard)  # ShardError names the shard
-
-    ids, views, logprobs, indices, logits, skipped = [], [], [], [], [], []
-    buffer: list[torch.Tensor] = []  # images not yet scored, in row order
-
-    def score(final: bool) -> None:
-        # fixed batches of cfg.batch_size over the item's rows: logits never depend on slicing
-        nonlocal buffer
-        images = torch.cat(buffer) if len(buffer) > 1 else buffer[0]
-        stop = len(images) if final else len(images) - len(images) % cfg.batch_size
-        for start in range(0, stop, cfg.batch_size):
-            out = teacher.score(images[start:min(start + cfg.batch_size, stop)])
-            logprobs.append(out.logprobs.float().cpu().numpy())
-            indices.append(out.indices.cpu().numpy())
-            logits.append(out.logits.cpu().numpy())  # full: exact tail mass, tail code, fidelity
-            _maybe_die(fault_marker)
-        buffer = [images[stop:]] if stop < len(images) else []
-
-    cut = epoch_cut(cfg.seed, epoch, cfg.views)
-    for piece in _slices(samples, shard, cfg, epoch, teacher.cfg.input_size, cfg.teacher.num_classes, cut):
-        skipped.extend(piece["skipped"])
-        if piece["image"] is None:
-            continue
-        ids.append(piece["sample_id"])
-        views.append(piece["view"])
-        buffer.append(piece["image"])
-        if sum(len(b) for b in buffer) >= cfg.batch_size:
-            score(final=False)
-    if buffer:
-        score(final=True)
-
-    k = cfg.k
-    writer.write_item(
-        epoch, shard_index,
-        np.concatenate(ids) if ids else np.zeros(0, np.int64),
-        np.concatenate(views) if views else np.zeros(0, np.int64),
-        np.concatenate(logprobs) if logprobs else np.zeros((0, k), np.float32),
-        np.concatenate(indices) if indices else np.zeros((0, k), np.int64),
-        missing=skipped,
-        logits=np.concatenate(logits) if logits else np.zeros((0, cfg.teacher.num_classes), np.float32),
-    )
-    n = sum(len(x) for x in ids)
-    return ItemResult(epoch=epoch, shard_index=shard_index, shard=shard.name, images=n,
-                      skipped=skipped, seconds=time.perf_counter() - t0)
+    own_feed = feed is None
+    if own_feed:
+        feed = ItemFeed(cfg, manifest, teacher.cfg.input_size, pin=pin_memory(teacher.device))
+    try:
+        writer = writer if writer is not None else open_writer(cfg, manifest, cache_attrs(cfg, manifest))
+        calibrate_tail(cfg, manifest, teacher, writer)  # no-op once the cache holds its tail basis
+        scored = score_item(feed, teacher, epoch, shard_index, prefetch, fault_marker)
+        writer.write_item(epoch, shard_index, scored.sample_id, scored.view, scored.logprobs, scored.indices,
+                          missing=scored.skipped, logits=scored.logits)
+    finally:
+        if own_feed:
+            feed.close()
+    return ItemResult(epoch=epoch, shard_index=shard_index, shard=manifest.shards[shard_index].name,
+                      images=len(scored.sample_id), skipped=scored.skipped, seconds=time.perf_counter() - t0,
+                      wait_seconds=scored.wait_seconds, worker_pids=scored.worker_pids)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
+from teacher.device import ddp_backend
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,7 +33,7 @@ def init(device_type: str) -> DistInfo:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not td.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        backend = ddp_backend(device_type)
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         td.init_process_group(backend=backend)

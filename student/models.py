@@ -6,6 +6,7 @@ in *distilled training* so that ``model.train()`` returns ``(cls, dist)`` (for
 """
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from typing import Any, Callable
@@ -36,7 +37,8 @@ def build_student(
     """Create a randomly initialised timm student (``pretrained=False``, no network).
 
     Args:
-        name: timm model name, e.g. ``deit_small_distilled_patch16_224`` or ``resnet18``.
+        name: timm model name, e.g. ``deit_small_distilled_patch16_224`` or ``resnet18``, or
+            ``module:fn`` called with ``num_classes``, ``img_size`` and the kwargs.
         num_classes: C.
         img_size: training resolution; passed to ViT-family models (convnets ignore it).
         drop_path_rate: stochastic depth.
@@ -89,9 +91,13 @@ _UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
 def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
-    """``timm.create_model``; a name or kwarg timm rejects becomes a ConfigError naming the key."""
+    """``timm.create_model`` (or ``module:fn``); a name or kwarg timm rejects becomes a ConfigError
+    naming the key."""
     from pipeline.config import ConfigError
 
+    if ":" in name:  # "module:fn", e.g. the bench-only teacher.simulated:sleeping_net
+        module, _, fn = name.partition(":")
+        return getattr(importlib.import_module(module), fn)(num_classes=num_classes, img_size=img_size, **kwargs)
     try:
         # ViT-family constructors need img_size to size their position embedding; most convnets
         # reject the kwarg, so retry without it.

@@ -22,10 +22,11 @@ from torch import nn
 
 from pipeline.config import ConfigBase, check
 from pipeline.shards import file_sha256  # noqa: F401  (also re-exported: cache attrs use it)
+from teacher.device import AMP_MODES as _AMP
+from teacher.device import autocast_dtype, channels_last, non_blocking
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_AMP = ("auto", "bf16", "fp16", "none")
 # Wrappers seen in the wild around a state dict, most specific first.
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
 
@@ -223,18 +224,16 @@ class Teacher:
                 self._affine = (scale, shift)
 
     def _autocast(self):
-        if self.device.type != "cuda" or self.cfg.amp == "none":
-            return contextlib.nullcontext()
-        dtype = torch.float16 if self.cfg.amp == "fp16" else torch.bfloat16
-        return torch.autocast("cuda", dtype=dtype)
+        dtype = autocast_dtype(self.cfg.amp, self.device)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     @torch.inference_mode()
     def forward_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Full float32 logits [B, num_classes] for a normalized image batch [B, 3, H, W]."""
-        x = images.to(self.device, non_blocking=True).float()
+        x = images.to(self.device, non_blocking=non_blocking(self.device)).float()
         if self._affine is not None:
             x = x * self._affine[0] + self._affine[1]
-        if self.cfg.channels_last:
+        if channels_last(self.cfg.channels_last, x):
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             logits = self.model(x)

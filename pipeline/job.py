@@ -1,0 +1,174 @@
+"""What a teacher cache is made from: the job config, its provenance attrs, teacher and writer.
+
+Shared by the Ray job (``pipeline.cache``) and the per-item work (``pipeline.work``), which
+both import this module and not each other: the job sits above the work, this sits below both.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from pipeline.config import ConfigBase, check
+from pipeline.plan import AugConfig, fingerprint
+from teacher.model import TeacherConfig, build_teacher, file_sha256
+from teacher.tail import TailConfig
+
+REPLAY_PLACES = ("local", "ray")
+
+
+@dataclass
+class CacheJobConfig(ConfigBase):
+    """Everything that defines a teacher cache (values only; saved in the cache attrs).
+
+    Args:
+        shards: split directory with ``manifest.json`` (see pipeline.shards).
+        out: cache path (local directory or fsspec URL).
+        epochs, views: rows are (epoch, sample_id, view) for epoch < epochs, view < views.
+        k: top-k logits stored per row.
+        seed: augmentation plan seed.
+        batch_size: teacher batch size.
+        num_workers: replay processes per actor (0 = in the actor process); with
+            ``replay: ray`` the number of replay tasks an actor keeps in flight.
+        replay: where decoding + augmentation run: ``local`` = persistent worker processes
+            beside each teacher actor; ``ray`` = Ray tasks on any node's CPUs, results through
+            the object store (a GPU node with few cores fed by CPU nodes).
+        actors: teacher actors; 0 = one per GPU, else CPUs // (1 + num_workers).
+        max_retries: re-runs of a work item whose actor died.
+        aug: the augmentation plan; teacher: the model; tail: the learned tail (teacher/tail.py).
+    """
+
+    shards: str = ""
+    out: str = ""
+    epochs: int = 1
+    views: int = 1
+    k: int = 10
+    seed: int = 0
+    batch_size: int = 64
+    num_workers: int = 2
+    replay: str = "local"
+    actors: int = 0
+    max_retries: int = 3
+    aug: AugConfig = field(default_factory=AugConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    tail: TailConfig = field(default_factory=TailConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.shards), "shards", "set the split directory (holding manifest.json)")
+        check(bool(self.out), "out", "set the cache path")
+        for name in ("epochs", "views", "k", "batch_size"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, found {getattr(self, name)}")
+        for name in ("num_workers", "actors", "max_retries"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, found {getattr(self, name)}")
+        check(self.replay in REPLAY_PLACES, "replay", f"one of {REPLAY_PLACES}, found {self.replay!r}")
+        check(self.replay == "local" or self.num_workers >= 1, "num_workers",
+              "replay: ray needs num_workers >= 1 (replay tasks in flight per actor)")
+        check(self.k <= self.teacher.num_classes, "k",
+              f"must be <= teacher.num_classes={self.teacher.num_classes}, found {self.k}")
+
+
+# Job settings that do not change the stored rows: a resume may use other values.
+RUNTIME_FIELDS = ("batch_size", "num_workers", "replay", "actors", "max_retries", "out")
+
+
+def checkpoint_sha256(t: TeacherConfig) -> str:
+    """Same value as ``Teacher.checkpoint_sha256``, without building the model."""
+    if t.checkpoint:
+        return file_sha256(t.checkpoint)
+    return f"callable:{t.callable}" if t.callable else "random"
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kdcache")
+    except Exception:  # running from a bare checkout
+        return "unknown"
+
+
+# Path fields of the stored job config -> the attr that says what they point to. A resume
+# compares that content identity, not the spelling ("runs/x" vs "/home/me/runs/x", a moved dataset).
+PATH_FIELDS = {("shards",): "manifest_sha256", ("teacher", "checkpoint"): "checkpoint_sha256"}
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path and "://" not in path else path
+
+
+def absolute_paths(cfg: CacheJobConfig) -> CacheJobConfig:
+    """``cfg`` with local paths made absolute (URLs kept): Ray actors do not share the driver's
+    working directory, and the job config stored in the cache must work from anywhere."""
+    return cfg.replace(shards=_absolute(cfg.shards), out=_absolute(cfg.out),
+                       teacher=cfg.teacher.replace(checkpoint=_absolute(cfg.teacher.checkpoint)))
+
+
+def cache_attrs(cfg: CacheJobConfig, manifest) -> dict:
+    """Provenance stored in the cache group attrs (compared again on every resume)."""
+    t = cfg.teacher
+    return {
+        "teacher": t.name if not t.callable else t.callable,
+        "checkpoint_sha256": checkpoint_sha256(t),
+        "num_classes": t.num_classes,
+        "classes": list(manifest.classes),
+        "input_size": t.input_size,
+        "mean": list(t.mean),
+        "std": list(t.std),
+        "k": cfg.k,
+        "epochs": cfg.epochs,
+        "views": cfg.views,
+        "seed": cfg.seed,
+        "aug": cfg.aug.to_dict(),
+        "fingerprint": fingerprint(cfg.aug),
+        "manifest_sha256": manifest.sha256,
+        "num_samples": manifest.num_samples,
+        "shard_size": manifest.shard_size,
+        "package_version": package_version(),
+        # what does not change the rows is left out, so a resume may use other batch sizes
+        "job": {k: v for k, v in absolute_paths(cfg).to_dict().items() if k not in RUNTIME_FIELDS},
+    }
+
+
+def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
+    """``attrs`` with the existing cache's spelling of each path that points to the same content.
+
+    storage compares attrs for equality on reopen; a path field whose content identity (manifest
+    or checkpoint sha256) matches the cache's takes the cache's stored value, so only a real
+    difference (another dataset, another teacher file, another config value) is refused.
+    """
+    from storage import CacheMismatchError, open_cache
+
+    try:
+        stored = open_cache(cfg.out).attrs
+    except (FileNotFoundError, KeyError, CacheMismatchError):
+        return attrs  # no complete cache there: create_cache creates it or names the mismatch
+    out = json.loads(json.dumps(attrs))
+    for (*parents, leaf), identity in PATH_FIELDS.items():
+        mine, theirs = out["job"], stored.get("job", {})
+        for key in parents:
+            mine, theirs = mine.get(key, {}), theirs.get(key, {})
+        if stored.get(identity) == attrs[identity] and leaf in theirs:
+            mine[leaf] = theirs[leaf]
+    return out
+
+
+def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
+    """Create the cache, or reopen it for a resume (storage checks attrs are identical)."""
+    from storage import create_cache
+
+    return create_cache(
+        cfg.out, shards=manifest.shards, shard_size=manifest.shard_size,
+        num_samples=manifest.num_samples, epochs=cfg.epochs, views=cfg.views, k=cfg.k,
+        num_classes=cfg.teacher.num_classes, attrs=attrs, tail_dim=cfg.tail.dim,
+    )
+
+
+def check_manifest(cfg: CacheJobConfig, manifest) -> None:
+    check(manifest.num_classes == cfg.teacher.num_classes, "teacher.num_classes",
+          f"dataset {cfg.shards} has {manifest.num_classes} classes, teacher has {cfg.teacher.num_classes}")
+
+
+def make_teacher(cfg: CacheJobConfig, device: str = "cpu"):
+    """The job's teacher: top-``cfg.k``, fed images normalized with the plan's mean/std."""
+    return build_teacher(cfg.teacher, device=device, k=cfg.k,
+                         input_mean=cfg.aug.mean, input_std=cfg.aug.std)
