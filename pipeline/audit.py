@@ -32,7 +32,7 @@ from pipeline.cli import add_debug_flag, run_cli
 
 def job_config_from_cache(reader, out: str, checkpoint: str | None = None, shards: str | None = None):
     """The CacheJobConfig that made the cache (paths optionally replaced)."""
-    from pipeline.cache import CacheJobConfig
+    from pipeline.job import CacheJobConfig
 
     job = dict(reader.attrs["job"])
     job["out"] = out
@@ -55,7 +55,7 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
     from teacher.fidelity import divergences
     from teacher.targets import TeacherTargets
 
-    from pipeline.cache import make_teacher
+    from pipeline.job import make_teacher
     from pipeline.replay import replay_items
     from pipeline.schedule import epoch_cut, shard_pairs
     from pipeline.shards import load_manifest, read_shard

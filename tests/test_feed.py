@@ -85,9 +85,9 @@ def test_each_sample_decoded_once_for_all_views_and_partners(fmnist_shards, teac
     decoded = Counter()
     real = premix_module.decode_image
 
-    def counting(raw):
+    def counting(raw, *args):
         decoded[raw.sample_id] += 1
-        return real(raw)
+        return real(raw, *args)
 
     monkeypatch.setattr(premix_module, "decode_image", counting)
     cfg = make_cfg(fmnist_shards / "train", tmp_path / "c.zarr", {**TINY_TEACHER, "checkpoint": teacher_ckpt},
