@@ -11,6 +11,7 @@ images: N/V samples x V views with the default ``ra`` sampler) and which rank re
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -116,6 +117,7 @@ class TrainData:
         self.extra_size = extra_size
         self.schedule = make_schedule(cfg, manifest, plan)
         self._cycle_logged = False
+        self._reader_lock = threading.Lock()
 
     def plan_epoch(self, epoch: int) -> int:
         """The cache epoch student epoch ``epoch`` reads (cycles past the cached count)."""
@@ -145,16 +147,35 @@ class TrainData:
             self.log(f"student epoch {epoch} reads {src.describe()}: the run is longer than the cache's "
                      f"{self.plan.cached_epochs} epochs x {self.plan.views} views, so cached rows are read again")
             self._cycle_logged = True
+        stop = threading.Event()
         if self.reader is not None:
             self._check_ready(epoch)
+            prefetch = threading.Thread(target=self._prefetch, args=(epoch, stop), daemon=True,
+                                        name=f"cache-prefetch-{epoch}")
+            prefetch.start()
         loader = self.loader(epoch)
         seen_skips = 0
-        for batch in loader:
-            batch = self._join(batch, src.cache_epoch) if self.reader is not None else dict(batch, dropped=0)
-            # Corrupt samples the replay could not decode count as dropped rows too.
-            batch["dropped"] += len(loader.skipped) - seen_skips
-            seen_skips = len(loader.skipped)
-            yield batch
+        try:
+            for batch in loader:
+                batch = self._join(batch, src.cache_epoch) if self.reader is not None else dict(batch, dropped=0)
+                # Corrupt samples the replay could not decode count as dropped rows too.
+                batch["dropped"] += len(loader.skipped) - seen_skips
+                seen_skips = len(loader.skipped)
+                yield batch
+        finally:
+            stop.set()
+
+    def _prefetch(self, epoch: int, stop: threading.Event) -> None:
+        """Load the cached rows student epoch ``epoch`` reads while its loader starts up, so the
+        per-batch join finds them in memory and never waits on storage. Items not done yet are
+        left to the join (which waits for them with ``cache.wait``)."""
+        for cache_epoch, s in self.schedule.needed_items(epoch):
+            if stop.is_set():
+                return
+            first = np.array([self.manifest.shards[s].first_id])
+            with self._reader_lock:
+                if self.reader.is_done(cache_epoch, s):
+                    self.reader.lookup_rows(cache_epoch, first, np.zeros(1, np.int64))  # loads the shard
 
     def _check_ready(self, epoch: int) -> None:
         """Without ``cache.wait`` fail fast, naming the first (epoch, shard) that is not done."""
@@ -167,7 +188,8 @@ class TrainData:
     def _lookup(self, plan_epoch: int, sample_ids: np.ndarray, views: np.ndarray):
         while True:
             try:
-                return self.reader.lookup_rows(plan_epoch, sample_ids, views)
+                with self._reader_lock:  # the prefetch thread loads shards meanwhile
+                    return self.reader.lookup_rows(plan_epoch, sample_ids, views)
             except CacheNotReady as e:
                 if not self.cfg.cache.wait:
                     raise

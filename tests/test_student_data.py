@@ -254,3 +254,31 @@ def test_soft_student_logs_fidelity_and_warns_naming_a_k(fmnist_shards, tiny_cac
     lines.clear()
     build_targets_fn(hard, plan, reader, NUM_CLASSES, "cpu", log=lines.append)
     assert lines == []
+
+
+def test_prefetch_loads_the_epoch_so_the_join_reads_memory_only(fmnist_shards, tiny_cache, tmp_path, monkeypatch):
+    """The epoch's cached rows are loaded by the prefetch thread, off the training loop; after it,
+    the per-batch join reads no chunk."""
+    import threading
+
+    from storage import CacheReader
+
+    loads: list[str] = []
+    real = CacheReader._load
+
+    def noting(self, *args, **kwargs):
+        loads.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CacheReader, "_load", noting)
+    data = _data(student_config(fmnist_shards, tiny_cache, tmp_path))
+    # an epoch started as in training: its prefetch thread loads the shards while the loader starts
+    assert sum(len(b["sample_id"]) for b in data.batches(0)) == 256
+    assert len(loads) == 4 and any(name.startswith("cache-prefetch") for name in loads), loads
+    # the prefetch itself (run here, in this thread) loads every shard of the epoch ...
+    loads.clear()
+    data._prefetch(1, threading.Event())
+    assert loads == ["MainThread"] * 4
+    # ... after which the per-batch join reads memory only
+    loads.clear()
+    assert sum(len(b["sample_id"]) for b in data.batches(1)) == 256 and loads == []
