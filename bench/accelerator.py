@@ -4,8 +4,8 @@ against a simulated accelerator (``teacher/simulated.py``: a forward that sleeps
     python bench/accelerator.py            # ~10 min on 2 CPU cores; writes bench/results/accelerator.json
 
 Data: ImageNet-like JPEG shards made from the real photos skimage and matplotlib ship offline
-(10 photos; each image a different random crop at an ImageNet-typical size such as 500x375,
-375x500, 500x333, 500x500, random flip, JPEG q90), 224 px, the full DeiT-B plan (RRC, flip,
+(``bench/photos.py``: each image a different random crop at an ImageNet-typical size such as
+500x375, 375x500, 500x333, 500x500, random flip, JPEG q90), 224 px, the full DeiT-B plan (RRC, flip,
 rand-m9-mstd0.5-inc1, erasing 0.25, Mixup 0.8 / CutMix 1.0), 3 views per sample.
 
 Every figure is a ratio of things measured side by side in this run:
@@ -65,55 +65,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from bench.photos import imagenet_jpegs  # noqa: E402
 from pipeline.job import CacheJobConfig  # noqa: E402
 from pipeline.plan import AugConfig  # noqa: E402
 from pipeline.premix import premix  # noqa: E402
 from pipeline.shards import SourceSample, decode_image, load_manifest, read_shard, write_shards  # noqa: E402
 
-SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (333, 500), (500, 400), (640, 480), (500, 281))
-SIZE_WEIGHTS = (0.40, 0.15, 0.15, 0.10, 0.05, 0.05, 0.05, 0.05)
 VIEWS, OUT, CLASSES, BATCH = 3, 224, 1000, 64
 SIMULATED = "teacher.simulated:sleeping_net"
-
-
-def photos() -> list[np.ndarray]:
-    """The real RGB photos available offline."""
-    import matplotlib.cbook
-    import skimage.data as data
-
-    out = [getattr(data, n)() for n in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry",
-                                         "hubble_deep_field", "retina")]
-    left, right, _ = data.stereo_motorcycle()
-    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as im:
-        out += [left, right, np.asarray(im.convert("RGB"))]
-    return out
-
-
-def imagenet_like(n: int, seed: int = 0) -> list[bytes]:
-    """``n`` distinct JPEGs (q90): random crops of the photos at ImageNet-typical sizes."""
-    rng = np.random.default_rng(seed)
-    srcs = [Image.fromarray(p) for p in photos()]
-    out = []
-    for i in range(n):
-        src = srcs[i % len(srcs)]
-        w, h = SIZES[rng.choice(len(SIZES), p=SIZE_WEIGHTS)]
-        sw, sh = src.size
-        scale = min(sw / w, sh / h) * rng.uniform(0.6, 1.0)  # crop with the target aspect
-        cw, ch = w * scale, h * scale
-        x0, y0 = rng.uniform(0, sw - cw), rng.uniform(0, sh - ch)
-        img = src.resize((w, h), Image.Resampling.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch))
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def make_shards(work: Path, n: int, shard_size: int):
     labels = np.random.default_rng(1).integers(0, CLASSES, n)
     samples = [SourceSample(key=f"img{i:05d}", label=int(labels[i]), path=f"photo crop {i}", data=data)
-               for i, data in enumerate(imagenet_like(n))]
+               for i, data in enumerate(imagenet_jpegs(n))]
     return write_shards(samples, work / "ds", "train", [f"class_{c}" for c in range(CLASSES)], shard_size,
                         overwrite=True, source="bench/accelerator.py ImageNet-like photo crops")
 

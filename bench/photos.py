@@ -1,9 +1,11 @@
 """Real photos available offline, and ImageNet-shaped data made from them.
 
 * :func:`real_photos`: every photo the installed packages ship that loads without a download
-  (scikit-image's ``skimage.data``, matplotlib's sample data), as RGB uint8 arrays.
-* :func:`imagenet_like`: one ImageNet-typical training JPEG from a photo: a random crop, a
-  short side of 250-500 px, a random flip and a mild colour change, so every file differs.
+  (scikit-image's ``skimage.data``, matplotlib's sample data; the list is ``bench/realrows.py``'s),
+  as RGB uint8 arrays.
+* :func:`imagenet_like` / :func:`imagenet_jpegs`: ImageNet-typical training JPEGs from those
+  photos: a random crop at one of ImageNet's common sizes (mostly 500x375), a random flip and a
+  mild colour change, so every file differs.
 * :func:`write_imagenet_tree`: an ImageNet-shaped folder tree (``<root>/<synset>/<name>.JPEG``,
   synset folders in sorted order, as ImageNet is laid out), plus a few odd files that real
   datasets hold: a 16-bit PNG, an EXIF-rotated JPEG, a CMYK JPEG, a palette PNG with transparency,
@@ -19,62 +21,43 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance
 
-# skimage.data photos that ship with the package (others need a download)
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "cat", "immunohistochemistry",
-                  "retina", "colorwheel", "hubble_deep_field", "camera", "coins", "moon", "page", "text",
-                  "clock", "horse", "grass", "gravel", "brick")
+# ImageNet's most common sizes (w, h) and rough shares; a 500x375 JPEG is the typical image.
+SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (333, 500), (500, 400), (640, 480), (500, 281))
+SIZE_WEIGHTS = (0.40, 0.15, 0.15, 0.10, 0.05, 0.05, 0.05, 0.05)
 
 
-def real_photos(min_side: int = 200, exclude: Sequence[str] = ()) -> list[tuple[str, np.ndarray]]:
-    """(name, HxWx3 uint8) of every offline photo at least ``min_side`` px on its short side."""
-    import skimage.data
+def real_photos(min_side: int = 200) -> list[tuple[str, np.ndarray]]:
+    """(name, HxWx3 uint8) of every offline photo (``bench/realrows.photos``: skimage, matplotlib;
+    the photos the soft-target tests use are left out) at least ``min_side`` px on its short side."""
+    from bench.realrows import photos
 
-    out = []
-    for name in SKIMAGE_PHOTOS:
-        if name in exclude:
-            continue
-        fn = getattr(skimage.data, "stereo_motorcycle" if name == "motorcycle" else name, None)
-        try:
-            img = fn() if fn is not None else None
-        except Exception:  # needs a download (pooch) on this install
-            continue
-        if isinstance(img, tuple):
-            img = img[0]
-        if img is None or img.ndim not in (2, 3):
-            continue
-        img = np.asarray(img)
-        if img.dtype != np.uint8:
-            img = (255 * (img.astype(np.float64) / max(float(img.max()), 1e-9))).astype(np.uint8)
-        rgb = np.stack([img] * 3, axis=-1) if img.ndim == 2 else img[..., :3]
-        if min(rgb.shape[:2]) >= min_side:
-            out.append((name, np.ascontiguousarray(rgb)))
-    import matplotlib
-
-    sample = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    if sample.exists() and "grace_hopper" not in exclude:
-        out.append(("grace_hopper", np.asarray(Image.open(sample).convert("RGB"))))
+    out = [(p.name, p.pixels) for p in photos(fmnist=0) if p.kind == "photo" and min(p.pixels.shape[:2]) >= min_side]
     if not out:
         raise RuntimeError("no offline photos found (scikit-image / matplotlib sample data)")
     return out
 
 
-def imagenet_like(photo: np.ndarray, rng: np.random.Generator, short_side: tuple[int, int] = (250, 500)
-                  ) -> Image.Image:
-    """An ImageNet-typical picture from ``photo``: random crop (30-100 % of the area, aspect 3/4-4/3,
-    landscape or portrait), short side in ``short_side``, random flip, mild brightness/contrast."""
-    h, w = photo.shape[:2]
-    area = h * w * rng.uniform(0.3, 1.0)
-    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    ch, cw = min(h, int(round(np.sqrt(area / aspect)))), min(w, int(round(np.sqrt(area * aspect))))
-    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    img = Image.fromarray(photo[top:top + ch, left:left + cw])
-    side = int(rng.integers(short_side[0], short_side[1] + 1))
-    scale = side / min(ch, cw)
-    img = img.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.Resampling.BICUBIC)
+def imagenet_like(photo: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """An ImageNet-typical picture from ``photo``: a random crop (60-100 % of the largest with the
+    target aspect) resized to one of ImageNet's common sizes, a random flip, mild brightness/contrast."""
+    src = Image.fromarray(photo)
+    w, h = SIZES[rng.choice(len(SIZES), p=SIZE_WEIGHTS)]
+    sw, sh = src.size
+    scale = min(sw / w, sh / h) * rng.uniform(0.6, 1.0)  # crop with the target aspect
+    cw, ch = w * scale, h * scale
+    x0, y0 = rng.uniform(0, sw - cw), rng.uniform(0, sh - ch)
+    img = src.resize((w, h), Image.Resampling.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch))
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.8, 1.2)))
-    return ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.8, 1.2)))
+    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.85, 1.15)))
+    return ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.85, 1.15)))
+
+
+def imagenet_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` distinct ImageNet-like JPEGs (q 90) cycling over the offline photos."""
+    rng = np.random.default_rng(seed)
+    photos = real_photos()
+    return [jpeg_bytes(imagenet_like(photos[i % len(photos)][1], rng)) for i in range(n)]
 
 
 def jpeg_bytes(img: Image.Image, quality: int = 90, **kw) -> bytes:

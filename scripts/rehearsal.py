@@ -6,7 +6,7 @@
 
 Input: an ImageNet-shaped folder tree made from real photos (``bench/photos.py``): 100 class
 folders with synset-like names written in sorted order and labelled within ImageNet's 1000
-classes (``--classes``), JPEGs with a 250-500 px short side, plus odd files (16-bit PNG,
+classes (``--classes``), JPEGs at ImageNet's common sizes (mostly 500x375), plus odd files (16-bit PNG,
 EXIF-rotated JPEG, CMYK JPEG, palette PNG with transparency, grayscale JPEG, a truncated JPEG).
 
 Flow, with the commands a user types: ``make_shards imagefolder`` (small shards, ``--skip-bad``)
