@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import urls
 from pipeline.cli import add_debug_flag, plural, run_cli
 from pipeline.shards import (MANIFEST_NAME, SourceSample, class_mix_warning, encode_png, load_manifest,
                              sanitize_key, write_shards)
@@ -158,9 +159,9 @@ def _print_summary(m) -> None:
 
 def _write_split(samples, out: str, split: str, classes, args, source: dict, total: int) -> None:
     """Write one split, or keep it when a complete one from the same command is already there."""
-    split_dir = Path(out) / split
+    split_dir = urls.join(out, split)
     order = {"shuffle_seed": None if args.keep_order else args.shuffle_seed}
-    if (split_dir / MANIFEST_NAME).exists() and not args.overwrite:
+    if urls.exists(urls.join(split_dir, MANIFEST_NAME)) and not args.overwrite:
         m = load_manifest(split_dir)
         if m.source == source and m.shard_size == args.shard_size and m.order == order:
             print(f"{split_dir}: complete from an earlier run of this command, kept")
