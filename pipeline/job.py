@@ -157,8 +157,7 @@ def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
     from storage import create_cache
 
     return create_cache(
-        cfg.out, shards=manifest.shards, shard_size=manifest.shard_size,
-        num_samples=manifest.num_samples, epochs=cfg.epochs, views=cfg.views, k=cfg.k,
+        cfg.out, shards=manifest.shards, epochs=cfg.epochs, views=cfg.views, k=cfg.k,
         num_classes=cfg.teacher.num_classes, attrs=attrs, tail_dim=cfg.tail.dim,
     )
 
