@@ -275,6 +275,28 @@ def tar_samples(stream: BinaryIO, shard: str) -> list[tuple[str, dict[str, bytes
     return groups
 
 
+def read_tar(url: str, shard: str) -> tuple[list[tuple[str, dict[str, bytes]]], int, str]:
+    """(samples as :func:`tar_samples` gives them, bytes, sha256) of the tar at ``url``, read once.
+
+    Raises ShardError naming ``shard`` for a missing, truncated or unreadable tar (a ``pipe:``
+    command's non-zero exit status included).
+    """
+    try:
+        stream = urls.open_read(url)
+    except FileNotFoundError:
+        raise ShardError(f"shard {shard}: missing file {url}") from None
+    reader = urls.HashingReader(stream)
+    try:
+        groups = tar_samples(reader, shard)
+        reader.drain()
+        stream.close()  # a pipe: command's exit status is checked here
+    except OSError as exn:
+        raise ShardError(f"shard {shard}: unreadable ({exn}) ({url})") from exn
+    finally:
+        urls.close_quietly(stream)
+    return groups, reader.bytes, reader.hexdigest()
+
+
 def _int_label(text: str | int, where: str) -> int:
     try:
         return int(text)
@@ -318,19 +340,20 @@ def sample_label(fields: dict[str, bytes], where: str, label_key: str | None = N
     return class_index[value]
 
 
-def parse_sample(fields: dict[str, bytes], key: str, shard: ShardInfo, position: int, *,
+def parse_sample(fields: dict[str, bytes], key: str, shard: ShardInfo, position: int, *, check_sid: bool = True,
                  label_key: str | None = None, class_index: dict[str, int] | None = None,
                  num_classes: int | None = None) -> RawSample:
     """A RawSample from one tar sample's members (no decoding).
 
     Raises:
-        ShardError: a ``sid`` member that is not ``shard.first_id + position`` (shards out of order).
+        ShardError: with ``check_sid``, a ``sid`` member that is not ``shard.first_id + position``
+            (shards out of order).
         SampleError: not exactly one image member, no usable label, a label outside
             [0, ``num_classes``) (when given).
     """
     where = f"shard {shard.name} key {key}"
     sid = shard.first_id + position
-    if "sid" in fields:
+    if check_sid and "sid" in fields:
         try:
             found = int(fields["sid"])
         except ValueError:
@@ -361,22 +384,10 @@ def read_shard(manifest: Manifest, shard: ShardInfo, verify: bool = False) -> li
     checks the size and sha256 of the bytes read (hashed on the way, no second read).
     """
     url = manifest.url(shard)
-    try:
-        stream = urls.open_read(url)
-    except FileNotFoundError:
-        raise ShardError(f"shard {shard.name}: missing file {url}") from None
-    reader = urls.HashingReader(stream)
-    try:
-        groups = tar_samples(reader, shard.name)
-        reader.drain()
-        stream.close()  # a pipe: command's exit status is checked here
-    except OSError as exn:
-        raise ShardError(f"shard {shard.name}: unreadable ({exn}) ({url})") from exn
-    finally:
-        urls.close_quietly(stream)
-    if verify and (reader.bytes != shard.bytes or reader.hexdigest() != shard.sha256):
+    groups, size, digest = read_tar(url, shard.name)
+    if verify and (size != shard.bytes or digest != shard.sha256):
         raise ShardError(f"shard {shard.name}: sha256 expected {shard.sha256} ({shard.bytes} bytes), found "
-                         f"{reader.hexdigest()} ({reader.bytes} bytes) ({url})")
+                         f"{digest} ({size} bytes) ({url})")
     if len(groups) != shard.count:
         raise ShardError(f"shard {shard.name}: {len(groups)} samples, manifest says {shard.count} "
                          f"(truncated tar?) ({url})")
@@ -393,7 +404,9 @@ def read_shard(manifest: Manifest, shard: ShardInfo, verify: bool = False) -> li
                                      shard=shard.name, error=bad[position][1]))
             continue
         try:
-            samples.append(parse_sample(fields, key, shard, position, label_key=manifest.label_key,
+            # make_shards' own shards (beside their manifest) carry sids; an indexed shard's ids are positions
+            samples.append(parse_sample(fields, key, shard, position, check_sid=shard.url is None,
+                                        label_key=manifest.label_key,
                                         class_index=manifest.class_index, num_classes=manifest.num_classes))
         except SampleError as exn:  # it parsed when the manifest was written
             raise ShardError(f"{exn} (the shard changed since its manifest was written?) ({url})") from None
