@@ -6,9 +6,9 @@ both import this module and not each other: the job sits above the work, this si
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
+from pipeline import urls
 from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig, fingerprint
 from teacher.model import TeacherConfig, build_teacher, file_sha256
@@ -22,7 +22,8 @@ class CacheJobConfig(ConfigBase):
     """Everything that defines a teacher cache (values only; saved in the cache attrs).
 
     Args:
-        shards: split directory with ``manifest.json`` (see pipeline.shards).
+        shards: split folder holding ``manifest.json``: a path or any fsspec URL (``s3://...``;
+            credentials from the environment / fsspec config, see pipeline.urls).
         out: cache path (local directory or fsspec URL).
         epochs, views: rows are (epoch, sample_id, view) for epoch < epochs, view < views.
         k: top-k logits stored per row.
@@ -92,15 +93,12 @@ def package_version() -> str:
 PATH_FIELDS = {("shards",): "manifest_sha256", ("teacher", "checkpoint"): "checkpoint_sha256"}
 
 
-def _absolute(path: str | None) -> str | None:
-    return os.path.abspath(path) if path and "://" not in path else path
-
-
 def absolute_paths(cfg: CacheJobConfig) -> CacheJobConfig:
     """``cfg`` with local paths made absolute (URLs kept): Ray actors do not share the driver's
     working directory, and the job config stored in the cache must work from anywhere."""
-    return cfg.replace(shards=_absolute(cfg.shards), out=_absolute(cfg.out),
-                       teacher=cfg.teacher.replace(checkpoint=_absolute(cfg.teacher.checkpoint)))
+    checkpoint = cfg.teacher.checkpoint and urls.absolute(cfg.teacher.checkpoint)
+    return cfg.replace(shards=urls.absolute(cfg.shards), out=urls.absolute(cfg.out),
+                       teacher=cfg.teacher.replace(checkpoint=checkpoint))
 
 
 def cache_attrs(cfg: CacheJobConfig, manifest) -> dict:

@@ -190,7 +190,7 @@ def load_manifest(split_dir: str | os.PathLike) -> Manifest:
     """Read ``<split_dir>/manifest.json`` (a local folder or any URL) and check its consistency:
     shard ids contiguous in shard order, counts between 1 and ``shard_size``, summing to ``num_samples``."""
     split_dir = os.fspath(split_dir)
-    split_dir = str(Path(split_dir)) if urls.is_local(split_dir) else split_dir.rstrip("/")
+    split_dir = split_dir.rstrip("/") if "://" in split_dir else str(Path(split_dir))
     path = urls.join(split_dir, MANIFEST_NAME)
     try:
         raw = urls.read_bytes(path)
@@ -289,11 +289,18 @@ def read_tar(url: str, shard: str) -> tuple[list[tuple[str, dict[str, bytes]]], 
     try:
         groups = tar_samples(reader, shard)
         reader.drain()
+    except (ShardError, OSError) as exn:
+        try:
+            stream.close()  # a pipe: command that failed explains the broken stream better
+        except OSError as closing:
+            raise ShardError(f"shard {shard}: {closing} ({url})") from exn
+        if isinstance(exn, ShardError):
+            raise
+        raise ShardError(f"shard {shard}: unreadable ({exn}) ({url})") from exn
+    try:
         stream.close()  # a pipe: command's exit status is checked here
     except OSError as exn:
-        raise ShardError(f"shard {shard}: unreadable ({exn}) ({url})") from exn
-    finally:
-        urls.close_quietly(stream)
+        raise ShardError(f"shard {shard}: {exn} ({url})") from exn
     return groups, reader.bytes, reader.hexdigest()
 
 

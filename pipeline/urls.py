@@ -64,10 +64,15 @@ def absolute(url: str | os.PathLike) -> str:
     return os.path.abspath(url) if "://" not in url and not url.startswith(PIPE) else url
 
 
+# Listings are not cached: other processes write shards and manifests (make_shards, a re-run),
+# and a cached listing makes fsspec report a file that appeared since as missing.
+_OPTIONS = {"use_listings_cache": False}
+
+
 def _fs(url: str):
     import fsspec
 
-    return fsspec.core.url_to_fs(url)
+    return fsspec.core.url_to_fs(url, **_OPTIONS)
 
 
 def open_read(url: str) -> BinaryIO:
@@ -82,7 +87,7 @@ def open_read(url: str) -> BinaryIO:
 
     # block_size=0: one streaming GET; a shard is read once, front to back
     options = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
-    return fsspec.open(url, "rb", **options).open()
+    return fsspec.open(url, "rb", **options, **_OPTIONS).open()
 
 
 def open_write(url: str) -> BinaryIO:
@@ -95,7 +100,7 @@ def open_write(url: str) -> BinaryIO:
         return open(path, "wb")
     import fsspec
 
-    return fsspec.open(url, "wb").open()
+    return fsspec.open(url, "wb", **_OPTIONS).open()
 
 
 def read_bytes(url: str) -> bytes:
@@ -160,14 +165,6 @@ def remove(url: str) -> None:
     fs, path = _fs(url)
     if fs.exists(path):
         fs.rm(path)
-
-
-def close_quietly(stream) -> None:
-    """Close ``stream`` after an error that is already being reported."""
-    try:
-        stream.close()
-    except OSError:
-        pass
 
 
 class HashingReader:

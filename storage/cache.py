@@ -68,11 +68,19 @@ class CacheNotReady(RuntimeError):
 
 # ----------------------------------------------------------------------------- helpers
 def _open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
-    """Open a group from a local path, ``file://`` URL, or any fsspec URL (``memory://``, ``s3://``)."""
+    """Open a group from a local path, ``file://`` URL, or any fsspec URL (``memory://``, ``s3://``).
+
+    Credentials and endpoints come from the environment and fsspec's configuration (e.g.
+    ``FSSPEC_S3_ENDPOINT_URL``), never from kdcache configs. Directory listings are not cached:
+    other processes (the job's actors, a resumed job) add chunks and done markers all the time,
+    and a cached listing would hide them (s3fs then reports a listed key as missing).
+    """
     path = os.fspath(path)
     if path.startswith("file://"):
         path = path[len("file://"):]
-    return zarr.open_group(path, mode=mode, zarr_format=3)
+    if "://" not in path:
+        return zarr.open_group(path, mode=mode, zarr_format=3)
+    return zarr.open_group(path, mode=mode, zarr_format=3, storage_options={"use_listings_cache": False})
 
 
 def _plain(value: Any) -> Any:
