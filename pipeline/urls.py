@@ -136,14 +136,6 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def size(url: str) -> int:
-    """Bytes of the file at ``url`` (FileNotFoundError if absent)."""
-    if is_local(url):
-        return os.path.getsize(local_path(url))
-    fs, path = _fs(url)
-    return int(fs.size(path))
-
-
 def list_names(url: str) -> list[str]:
     """Names of the entries directly under the folder ``url`` ([] if there is none)."""
     if is_local(url):
