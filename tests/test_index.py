@@ -106,6 +106,7 @@ def test_index_records_what_is_there(foreign, layout):
     sizes = LAYOUTS[layout][3]
     assert [s.count for s in m.shards] == list(sizes) and m.shard_size == max(sizes)
     assert [s.first_id for s in m.shards] == list(np.cumsum((0,) + sizes[:-1]))
+    assert [m.shard_of(s.first_id + s.count - 1).index for s in m.shards] == [0, 1, 2, 3]
     assert [s.url for s in m.shards] == [str(Path(pattern).parent / f"part-{i:04d}.tar") for i in range(4)]
     assert m.num_classes == 10 and (m.classes[0] == "T-shirt/top") == (layout == "webp_json")
     shard, position = BROKEN[layout]

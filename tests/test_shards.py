@@ -158,6 +158,20 @@ def test_manifest_helpers(rgb_shards):
     assert d["version"] == 3 and d["skipped"] == [] and d["source"] == "rgb fixture"
 
 
+def test_manifest_ids_must_be_contiguous(rgb_shards, tmp_path):
+    """Shards may hold any counts, but ids follow shard order without gaps; a manifest that says
+    otherwise is refused naming the shard."""
+    d = json.loads((rgb_shards / "train" / "manifest.json").read_text())
+    for change, message in (({"first_id": 9}, "shard train-000001.tar: first_id/count 9/8, expected first_id 8"),
+                            ({"count": 0}, "shard train-000001.tar: first_id/count 8/0.*count in \\[1, 8\\]")):
+        bad = json.loads(json.dumps(d))
+        bad["shards"][1].update(change)
+        (tmp_path / "m").mkdir(exist_ok=True)
+        (tmp_path / "m" / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ShardError, match=message):
+            load_manifest(tmp_path / "m")
+
+
 def test_fmnist_slice_matches_idx(fmnist_shards):
     for split, n in (("train", 256), ("val", 128)):
         m = load_manifest(fmnist_shards / split)
