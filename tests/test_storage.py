@@ -178,19 +178,24 @@ def _proc_write(path, epoch, shard, start_evt, shards=SHARDS):
     w.write_item(epoch, shard, *_item(epoch, shard, shards=shards))
 
 
-def test_concurrent_items_from_two_processes_equal_sequential(tmp_path):
-    par, seq = tmp_path / "par.zarr", tmp_path / "seq.zarr"
-    _create(par)
+def _write_at_once(path, items, shards=SHARDS) -> None:
+    """Write ``items`` from one process each, released together."""
     ctx = mp.get_context("spawn")
     evt = ctx.Event()
-    items = [(0, 0), (0, 1)]  # adjacent items: neighbouring chunks of the same arrays
-    procs = [ctx.Process(target=_proc_write, args=(str(par), e, s, evt)) for e, s in items]
+    procs = [ctx.Process(target=_proc_write, args=(str(path), e, s, evt, shards)) for e, s in items]
     for p in procs:
         p.start()
     evt.set()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+
+
+def test_concurrent_items_from_two_processes_equal_sequential(tmp_path):
+    par, seq = tmp_path / "par.zarr", tmp_path / "seq.zarr"
+    _create(par)
+    items = [(0, 0), (0, 1)]  # adjacent items: neighbouring chunks of the same arrays
+    _write_at_once(par, items)
     w = _create(seq)
     for e, s in items:
         w.write_item(e, s, *_item(e, s))
@@ -214,16 +219,7 @@ def test_variable_shard_counts_one_chunk_per_item_and_concurrent_writers(tmp_pat
     par, seq = tmp_path / "par.zarr", tmp_path / "seq.zarr"
     w = _create(par, shards=VARIABLE_SHARDS)
     assert w.slot == 9 and w.num_samples == 23
-    ctx = mp.get_context("spawn")
-    evt = ctx.Event()
-    items = [(1, 1), (1, 2), (1, 3)]  # adjacent slots, written at once
-    procs = [ctx.Process(target=_proc_write, args=(str(par), e, s, evt, VARIABLE_SHARDS)) for e, s in items]
-    for p in procs:
-        p.start()
-    evt.set()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    _write_at_once(par, [(1, 1), (1, 2), (1, 3)], VARIABLE_SHARDS)  # adjacent slots, written at once
     w.write_item(1, 0, *_item(1, 0, shards=VARIABLE_SHARDS))
     ws = _create(seq, shards=VARIABLE_SHARDS)
     for s in range(len(VARIABLE_SHARDS)):
