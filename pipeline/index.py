@@ -14,8 +14,9 @@ written by other tools carry no ``.sid``, and one that does is not checked again
 extension ``.jpg``, ``.jpeg``, ``.png`` or ``.webp`` (any case, e.g. ``.JPEG``); the label is
 ``.cls`` (class index as decimal text), else the ``label`` field of ``.json`` (an index, or a
 class name), else ``.txt`` (an index, or a class name such as a WordNet synset). That reads
-timm's ``imagenet-1k-wds`` (``.jpg`` + ``.cls`` + ``.json`` with ``label``), the webdataset
-project's ImageNet conversion (``.jpg``/``.cls``/``.json``) and shards written by ``make_shards``.
+timm's ``imagenet-1k-wds`` and the webdataset project's ImageNet conversion (both ``.jpg`` +
+``.cls`` + a ``.json`` of metadata; the ``.cls`` index is read, as timm does by default) and
+shards written by ``make_shards``.
 ``--label-key KEY`` reads the label from that ``.json`` field only (timm's ``target_key``, e.g.
 another label set stored beside the default). Class names need ``--classes FILE`` (one name per
 line, first token: ``LOC_synset_mapping.txt`` works); without it labels must be indices and the
