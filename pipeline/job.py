@@ -152,7 +152,9 @@ def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
 
     storage compares attrs for equality on reopen; a path field whose content identity (manifest
     or checkpoint sha256) matches the cache's takes the cache's stored value, so only a real
-    difference (another dataset, another teacher file, another config value) is refused.
+    difference (another dataset, another teacher file, another config value) is refused. A config
+    field the stored job config lacks (added by a later kdcache, e.g. ``teacher.pretrained``) is
+    left out while it holds its default: there it changes nothing, so the cache resumes.
     """
     from storage import CacheMismatchError, open_cache
 
@@ -167,7 +169,18 @@ def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
             mine, theirs = mine.get(key, {}), theirs.get(key, {})
         if stored.get(identity) == attrs[identity] and leaf in theirs:
             mine[leaf] = theirs[leaf]
+    defaults = json.loads(json.dumps(CacheJobConfig(shards="-", out="-").to_dict()))
+    _drop_added_defaults(out["job"], stored.get("job", {}), defaults)
     return out
+
+
+def _drop_added_defaults(mine: dict, theirs: dict, defaults: dict) -> None:
+    for key in list(mine):
+        if key not in theirs:
+            if key in defaults and mine[key] == defaults[key]:
+                del mine[key]
+        elif isinstance(mine[key], dict) and isinstance(theirs[key], dict) and isinstance(defaults.get(key), dict):
+            _drop_added_defaults(mine[key], theirs[key], defaults[key])
 
 
 def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
