@@ -38,8 +38,9 @@ def job_config_from_cache(reader, out: str, checkpoint: str | None = None, shard
     job["out"] = out
     if shards:
         job["shards"] = shards
-    if checkpoint:
-        job["teacher"] = {**job["teacher"], "checkpoint": checkpoint}
+    if checkpoint:  # a local file replaces timm pretrained weights too (same file, same sha256)
+        job["teacher"] = {**job["teacher"], "checkpoint": checkpoint, "pretrained": False,
+                          "pretrained_cfg_overlay": {}}
     return CacheJobConfig.from_dict(job)
 
 
@@ -56,6 +57,7 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
     from teacher.targets import TeacherTargets
 
     from pipeline.job import make_teacher
+    from teacher.model import weights_source
     from pipeline.replay import replay_items
     from pipeline.schedule import epoch_cut, shard_pairs
     from pipeline.shards import load_manifest, read_shard
@@ -70,9 +72,9 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
                                  "(--shards names the split the cache was made from)")
     teacher = make_teacher(cfg, device)
     if reader.attrs.get("checkpoint_sha256") not in (None, teacher.checkpoint_sha256):
-        raise CacheMismatchError(f"audit {cache}: field checkpoint_sha256: the teacher file {cfg.teacher.checkpoint} "
-                                 f"has {teacher.checkpoint_sha256}, the cache was made with "
-                                 f"{reader.attrs['checkpoint_sha256']} (--checkpoint names the right file)")
+        raise CacheMismatchError(f"audit {cache}: field checkpoint_sha256: the teacher's weights "
+                                 f"({weights_source(cfg.teacher)}) have {teacher.checkpoint_sha256}, the cache "
+                                 f"was made with {reader.attrs['checkpoint_sha256']} (--checkpoint names the right file)")
     tail = reader.tail_model()
     rng = np.random.default_rng(seed)
     report: dict[int, dict] = {}

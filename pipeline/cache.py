@@ -93,6 +93,12 @@ class TeacherWorker:
         self.manifest = load_manifest(self.cfg.shards)
         self.feed = ItemFeed(self.cfg, self.manifest, self.cfg.teacher.input_size, pin=pin_memory(self.device))
         self.teacher = make_teacher(self.cfg, self.device)
+        if self.teacher.checkpoint_sha256 != attrs["checkpoint_sha256"]:
+            # another node's file or Hugging Face cache may hold other weights than the driver's
+            from storage import CacheMismatchError
+
+            raise CacheMismatchError(f"cache {self.cfg.out}: field checkpoint_sha256: this actor's teacher has "
+                                     f"{self.teacher.checkpoint_sha256}, the job's is {attrs['checkpoint_sha256']}")
         self.writer = open_writer(self.cfg, self.manifest, attrs)
         self.fault_marker = fault_marker
 

@@ -27,6 +27,7 @@ USER_ERRORS: dict[str, tuple[str, ...]] = {
     "pipeline.cache": ("CacheJobError",),           # work items that failed (names them)
     "storage.cache": ("CacheMismatchError", "CacheNotReady"),
     "teacher.model": ("TeacherLoadError",),
+    "teacher.weights": ("WeightsError",),           # timm pretrained weights missing offline / not fitting
     "student.checkpoint": ("CheckpointError",),
 }
 # Builtins raised for named inputs (a path the user gave, a cache.wait timeout).

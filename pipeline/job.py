@@ -12,6 +12,7 @@ from pipeline import urls
 from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig, fingerprint
 from teacher.model import TeacherConfig, build_teacher, file_sha256
+from teacher.weights import pretrained_cfg, pretrained_file, resolved_tag
 from teacher.tail import TailConfig
 
 REPLAY_PLACES = ("local", "ray")
@@ -73,10 +74,22 @@ RUNTIME_FIELDS = ("batch_size", "num_workers", "replay", "actors", "max_retries"
 
 
 def checkpoint_sha256(t: TeacherConfig) -> str:
-    """Same value as ``Teacher.checkpoint_sha256``, without building the model."""
+    """Same value as ``Teacher.checkpoint_sha256``; builds the model only for timm pretrained
+    weights that are no local file (hub weights: their identity is the loaded state dict's hash)."""
     if t.checkpoint:
         return file_sha256(t.checkpoint)
+    if t.pretrained:
+        file = pretrained_file(pretrained_cfg(t.name, t.pretrained_cfg_overlay))
+        return file_sha256(file) if file else build_teacher(t).checkpoint_sha256
     return f"callable:{t.callable}" if t.callable else "random"
+
+
+def teacher_id(t: TeacherConfig) -> str:
+    """What the cache attrs call the teacher: the timm tag its pretrained weights resolve to
+    (``regnety_160.deit_in1k``, the default tag for a bare name), else the name or callable."""
+    if t.pretrained:
+        return resolved_tag(t.name, t.pretrained_cfg_overlay)
+    return t.callable or t.name
 
 
 def package_version() -> str:
@@ -90,22 +103,27 @@ def package_version() -> str:
 
 # Path fields of the stored job config -> the attr that says what they point to. A resume
 # compares that content identity, not the spelling ("runs/x" vs "/home/me/runs/x", a moved dataset).
-PATH_FIELDS = {("shards",): "manifest_sha256", ("teacher", "checkpoint"): "checkpoint_sha256"}
+PATH_FIELDS = {("shards",): "manifest_sha256", ("teacher", "checkpoint"): "checkpoint_sha256",
+               ("teacher", "pretrained_cfg_overlay", "file"): "checkpoint_sha256"}
 
 
 def absolute_paths(cfg: CacheJobConfig) -> CacheJobConfig:
     """``cfg`` with local paths made absolute (URLs kept): Ray actors do not share the driver's
     working directory, and the job config stored in the cache must work from anywhere."""
-    checkpoint = cfg.teacher.checkpoint and urls.absolute(cfg.teacher.checkpoint)
+    t = cfg.teacher
+    overlay = dict(t.pretrained_cfg_overlay)
+    if overlay.get("file"):
+        overlay["file"] = urls.absolute(overlay["file"])
+    checkpoint = t.checkpoint and urls.absolute(t.checkpoint)
     return cfg.replace(shards=urls.absolute(cfg.shards), out=urls.absolute(cfg.out),
-                       teacher=cfg.teacher.replace(checkpoint=checkpoint))
+                       teacher=t.replace(checkpoint=checkpoint, pretrained_cfg_overlay=overlay))
 
 
 def cache_attrs(cfg: CacheJobConfig, manifest) -> dict:
     """Provenance stored in the cache group attrs (compared again on every resume)."""
     t = cfg.teacher
     return {
-        "teacher": t.name if not t.callable else t.callable,
+        "teacher": teacher_id(t),
         "checkpoint_sha256": checkpoint_sha256(t),
         "num_classes": t.num_classes,
         "classes": list(manifest.classes),
@@ -132,7 +150,9 @@ def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
 
     storage compares attrs for equality on reopen; a path field whose content identity (manifest
     or checkpoint sha256) matches the cache's takes the cache's stored value, so only a real
-    difference (another dataset, another teacher file, another config value) is refused.
+    difference (another dataset, another teacher file, another config value) is refused. A config
+    field the stored job config lacks (added by a later kdcache, e.g. ``teacher.pretrained``) is
+    left out while it holds its default: there it changes nothing, so the cache resumes.
     """
     from storage import CacheMismatchError, open_cache
 
@@ -147,7 +167,18 @@ def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
             mine, theirs = mine.get(key, {}), theirs.get(key, {})
         if stored.get(identity) == attrs[identity] and leaf in theirs:
             mine[leaf] = theirs[leaf]
+    defaults = json.loads(json.dumps(CacheJobConfig(shards="-", out="-").to_dict()))
+    _drop_added_defaults(out["job"], stored.get("job", {}), defaults)
     return out
+
+
+def _drop_added_defaults(mine: dict, theirs: dict, defaults: dict) -> None:
+    for key in list(mine):
+        if key not in theirs:
+            if key in defaults and mine[key] == defaults[key]:
+                del mine[key]
+        elif isinstance(mine[key], dict) and isinstance(theirs[key], dict) and isinstance(defaults.get(key), dict):
+            _drop_added_defaults(mine[key], theirs[key], defaults[key])
 
 
 def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):

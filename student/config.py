@@ -31,9 +31,18 @@ class ModelConfig(ConfigBase):
     model_kwargs: dict = field(default_factory=dict)
     # Fine-tuning: start from these weights (pos-embed interpolated to data.img_size).
     checkpoint: str | None = None
+    # Fine-tuning from timm's weights for the name (arch.tag; Hugging Face cache), same rules as checkpoint.
+    pretrained: bool = False
+    pretrained_cfg_overlay: dict = field(default_factory=dict)   # e.g. {file: PATH}: a local file, timm's way
 
     def __post_init__(self):
         check(bool(self.name), "model.name", "must be a timm model name")
+        check(not (self.pretrained and self.checkpoint), "model.pretrained",
+              "pretrained: true loads timm's weights for model.name; it excludes model.checkpoint")
+        check(not (self.pretrained and ":" in self.name), "model.pretrained",
+              f"needs a timm name (arch.tag), found the callable {self.name!r}")
+        check(self.pretrained or not self.pretrained_cfg_overlay, "model.pretrained_cfg_overlay",
+              "is read only with model.pretrained: true")
         check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), found {self.drop_path_rate}")
 
 
@@ -89,6 +98,7 @@ class TeacherModeConfig(ConfigBase):
 
     mode: str = "cached"               # cached | online
     # online: the teacher to run; None = the teacher of the cache's job config.
+    # cached: when set, the cache must have been made with these weights (checkpoint_sha256).
     model: TeacherConfig | None = None
     # cached: the k the cache must have (None = any). online: None = the full teacher distribution
     # (DeiT's online distillation); a k < num_classes emulates a top-k cache (with the cache's tail).

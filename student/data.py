@@ -71,8 +71,10 @@ def resolve_plan(cfg: TrainConfig, attrs: dict | None) -> ReplayPlan:
 def open_checked_cache(cfg: TrainConfig, manifest: Manifest) -> tuple[CacheReader, ReplayPlan]:
     """Open ``cfg.cache.path``, resolve the plan from its attrs, and re-open it with ``expect=``.
 
-    The guard compares the plan fingerprint, the train manifest sha256, k and num_classes,
-    and raises ``CacheMismatchError`` naming the first field that differs.
+    The guard compares the plan fingerprint, the train manifest sha256, k and num_classes, and,
+    when a cached student names its teacher (``teacher.model``), that teacher's weights sha256
+    (a file's, or timm pretrained weights' as teacher/weights.py defines it); it raises
+    ``CacheMismatchError`` naming the first field that differs.
     """
     attrs = open_cache(cfg.cache.path).attrs
     plan = resolve_plan(cfg, attrs)
@@ -83,6 +85,10 @@ def open_checked_cache(cfg: TrainConfig, manifest: Manifest) -> tuple[CacheReade
     }
     if cfg.teacher.k is not None and cfg.teacher.mode == "cached":
         expect["k"] = cfg.teacher.k
+    if cfg.teacher.model is not None and cfg.teacher.mode == "cached":
+        from pipeline.job import checkpoint_sha256  # loads hub weights only to hash them
+
+        expect["checkpoint_sha256"] = checkpoint_sha256(cfg.teacher.model)
     reader = open_cache(cfg.cache.path, expect=expect)
     return reader, plan
 

@@ -33,8 +33,11 @@ def build_student(
     model_kwargs: dict[str, Any] | None = None,
     checkpoint: str | None = None,
     log: Callable[[str], Any] | None = None,
+    *,
+    pretrained: bool = False,
+    pretrained_cfg_overlay: dict | None = None,
 ) -> nn.Module:
-    """Create a randomly initialised timm student (``pretrained=False``, no network).
+    """Create a timm student: random init, or fine-tuning from a file or timm's pretrained weights.
 
     Args:
         name: timm model name, e.g. ``deit_small_distilled_patch16_224`` or ``resnet18``, or
@@ -47,11 +50,19 @@ def build_student(
             ``channels_last: true`` runs the model (weights and inputs) in channels_last.
         checkpoint: optional weights file loaded with :func:`load_for_finetune`.
         log: where the checkpoint report goes (what was loaded, resized, re-initialised).
+        pretrained: start from timm's weights for ``name`` (``arch.tag``) instead: timm builds
+            the tag's own model with them (Hugging Face cache, ``HF_HUB_OFFLINE`` honored;
+            teacher/weights.py), and :func:`load_for_finetune` moves them into this one, with the
+            same rules and report as ``checkpoint`` (timm itself would drop a head of another
+            class count and then load the rest non-strictly).
+        pretrained_cfg_overlay: keys replacing the tag's timm pretrained_cfg (``{"file": PATH}``:
+            a local file; ``num_classes`` / ``input_size`` describe a file's head and resolution).
     Returns:
         The model; distilled DeiTs have distilled training enabled.
     Raises:
         ConfigError: unknown model name, or a ``model_kwargs`` key the architecture does not take.
-        CheckpointError: ``checkpoint`` does not fit the model (names the keys).
+        CheckpointError: ``checkpoint`` (or the pretrained weights) does not fit the model (names the keys).
+        WeightsError: timm's pretrained weights cannot be had (offline and not cached) or do not fit.
     """
     kwargs = dict(model_kwargs or {})
     # Not a timm kwarg: the stride of the first conv (1 for a 32 px convnet), as in TeacherConfig,
@@ -76,9 +87,17 @@ def build_student(
         from student.checkpoint import load_checkpoint
         from teacher.model import unwrap_state_dict
 
-        report = load_for_finetune(model, unwrap_state_dict(load_checkpoint(checkpoint), checkpoint), checkpoint)
-        if log is not None:
-            log(describe_load(checkpoint, name, report))
+        source, state = f"model.checkpoint {checkpoint}", unwrap_state_dict(load_checkpoint(checkpoint), checkpoint)
+    elif pretrained:
+        from teacher.weights import create_pretrained, resolved_tag
+
+        source = f"model.pretrained {resolved_tag(name, pretrained_cfg_overlay)}"
+        state = create_pretrained(name, pretrained_cfg_overlay, "model", **kwargs).state_dict()
+    else:
+        return model
+    report = load_for_finetune(model, state, source)
+    if log is not None:
+        log(describe_load(source, name, report))
     return model
 
 
@@ -211,8 +230,9 @@ def load_for_finetune(model: nn.Module, state_dict: dict[str, Tensor], source: s
 
 
 def describe_load(source: str, name: str, report: dict) -> str:
-    """One line: what :func:`load_for_finetune` loaded, resized and re-initialised."""
-    text = f"model.checkpoint {source}: loaded {len(report['loaded'])} tensors into {name}"
+    """One line: what :func:`load_for_finetune` loaded from ``source`` (``model.checkpoint FILE``,
+    ``model.pretrained TAG``), resized and re-initialised."""
+    text = f"{source}: loaded {len(report['loaded'])} tensors into {name}"
     for key, (old, new) in report["resized"].items():
         text += f"; resized {key} {old} -> {new}"
     if report["reinitialised"]:

@@ -78,7 +78,8 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
     # Model, loss, optimisation (DeiT recipe). Re-seeded: an online teacher's init must not shift it.
     torch.manual_seed(cfg.run.seed)
     model = build_student(cfg.model.name, manifest.num_classes, cfg.data.img_size, cfg.model.drop_path_rate,
-                          cfg.model.model_kwargs, cfg.model.checkpoint, log=log).to(device)
+                          cfg.model.model_kwargs, cfg.model.checkpoint, log=log, pretrained=cfg.model.pretrained,
+                          pretrained_cfg_overlay=cfg.model.pretrained_cfg_overlay).to(device)
     loss_fn = DistillationLoss(cfg.loss.mode, manifest.num_classes, cfg.loss.alpha, cfg.loss.tau,
                                cfg.loss.label_smoothing, cfg.loss.teacher_label_smoothing)
     o = cfg.optim

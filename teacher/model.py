@@ -1,8 +1,11 @@
 """The teacher: a frozen classifier that scores augmented images into top-k targets.
 
 Any timm classifier by name (default ``regnety_160``, DeiT's teacher) or any
-``callable="module:fn"`` returning an ``nn.Module``; weights come from a local (or fsspec)
-file loaded with ``torch.load(weights_only=True)`` — nothing is downloaded at run time.
+``callable="module:fn"`` returning an ``nn.Module``. Weights come from a local (or fsspec)
+file, ``checkpoint``, loaded with ``torch.load(weights_only=True)``, or the timm way:
+``name: regnety_160.deit_in1k`` with ``pretrained: true`` (timm's own mechanism, Hugging Face
+cache, ``HF_HUB_OFFLINE`` honored; ``pretrained_cfg_overlay: {file: PATH}`` reads a local file
+the same way; see teacher/weights.py for the weights' identity).
 The model runs in eval mode, channels_last, with bf16/fp16 autocast on CUDA only and an
 optional ``torch.compile``.
 
@@ -24,6 +27,7 @@ from pipeline.config import ConfigBase, check
 from pipeline.shards import file_sha256  # noqa: F401  (also re-exported: cache attrs use it)
 from teacher.device import AMP_MODES as _AMP
 from teacher.device import autocast_dtype, channels_last, non_blocking
+from teacher.weights import WeightsError, create_pretrained, weights_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +45,10 @@ class TeacherConfig(ConfigBase):
 
     name: str = "regnety_160"
     checkpoint: str | None = None
+    # timm's weights for ``name`` (``arch.tag``), through timm.create_model(pretrained=True)
+    pretrained: bool = False
+    # keys replacing the tag's timm pretrained_cfg, e.g. {file: PATH} (a local file, timm's format)
+    pretrained_cfg_overlay: dict = field(default_factory=dict)
     callable: str | None = None
     num_classes: int = 1000
     model_kwargs: dict = field(default_factory=dict)
@@ -61,6 +69,10 @@ class TeacherConfig(ConfigBase):
         check(self.callable is None or ":" in self.callable, "callable",
               f"must look like 'module:function', found {self.callable!r}")
         check(len(self.mean) == 3 and len(self.std) == 3, "mean/std", "need 3 channels")
+        check(not (self.pretrained and (self.checkpoint or self.callable)), "pretrained",
+              "pretrained: true loads timm's weights for the name; it excludes checkpoint and callable")
+        check(self.pretrained or not self.pretrained_cfg_overlay, "pretrained_cfg_overlay",
+              "is read only with pretrained: true")
 
 
 @dataclass
@@ -168,9 +180,14 @@ def set_stem_stride(model: nn.Module, stride: int) -> str:
 
 
 def create_model(cfg: TeacherConfig) -> nn.Module:
-    """Build the architecture (random init) from a timm name or ``module:fn`` callable."""
+    """Build the architecture from a timm name or ``module:fn`` callable: random init, or
+    timm's pretrained weights with ``cfg.pretrained``."""
     if cfg.callable:
         model = _resolve_callable(cfg.callable)(**cfg.model_kwargs)
+    elif cfg.pretrained:
+        model = create_pretrained(cfg.name, cfg.pretrained_cfg_overlay, "teacher", num_classes=cfg.num_classes,
+                                  **cfg.model_kwargs)
+        check_pretrained_cfg(cfg, model.pretrained_cfg)
     else:
         import timm
 
@@ -185,6 +202,25 @@ def create_model(cfg: TeacherConfig) -> nn.Module:
     return model
 
 
+def check_pretrained_cfg(cfg: TeacherConfig, pcfg: dict) -> None:
+    """Refuse a teacher whose config contradicts its timm weights' pretrained_cfg.
+
+    timm silently drops a classifier for another class count (a teacher with a random head), and
+    weights scored at another normalization give worse targets without any error.
+    """
+    where = f"teacher {cfg.name}: timm's pretrained_cfg (with teacher.pretrained_cfg_overlay)"
+    if pcfg.get("num_classes") != cfg.num_classes:
+        raise TeacherLoadError(f"{where} has {pcfg.get('num_classes')} classes, teacher.num_classes is "
+                               f"{cfg.num_classes}: a teacher needs its trained head (weights of another "
+                               f"class count: set pretrained_cfg_overlay.num_classes to theirs)")
+    for key in ("mean", "std"):
+        theirs, ours = pcfg.get(key), getattr(cfg, key)
+        if theirs is not None and not all(abs(a - b) < 1e-6 for a, b in zip(theirs, ours)):
+            raise TeacherLoadError(f"{where} says {key} {tuple(theirs)}, teacher.{key} is {tuple(ours)}: set "
+                                   f"teacher.{key} to the weights' (or pretrained_cfg_overlay.{key} for a file "
+                                   f"trained with {tuple(ours)})")
+
+
 class Teacher:
     """A frozen classifier plus its scoring rule.
 
@@ -196,8 +232,10 @@ class Teacher:
         input_mean, input_std: normalization of the images given to :meth:`score` (e.g. the
             augmentation plan's); when different from ``cfg.mean/std`` the images are
             re-normalized on the fly. ``None`` means the images already use ``cfg.mean/std``.
-        checkpoint_sha256: sha256 of the weight file, ``"random"`` for an un-loaded timm model,
-            or ``"callable:<module:fn>"`` when the callable supplies its own weights.
+        checkpoint_sha256: sha256 of the weight file (``checkpoint``, or the file timm's
+            pretrained mechanism read), ``"state_dict:<sha256>"`` for timm weights from the hub
+            (teacher/weights.py), ``"random"`` for an un-loaded timm model, or
+            ``"callable:<module:fn>"`` when the callable supplies its own weights.
     """
 
     def __init__(self, model: nn.Module, cfg: TeacherConfig, device: str | torch.device = "cpu", k: int = 10,
@@ -260,21 +298,36 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", *, k: 
                   input_mean=None, input_std=None) -> Teacher:
     """Build, load and freeze the teacher described by ``cfg``.
 
-    Without ``cfg.checkpoint`` a timm model keeps its random init (``checkpoint_sha256="random"``);
+    ``cfg.pretrained`` loads timm's weights for the tag (teacher/weights.py gives their sha256).
+    Without either, a timm model keeps its random init (``checkpoint_sha256="random"``);
     a ``callable`` may load its own weights (``checkpoint_sha256="callable:<spec>"``).
 
     Raises:
         TeacherLoadError: unknown model, missing checkpoint file, or a state dict whose keys or
-            shapes do not match (the message lists the missing / unexpected keys).
+            shapes do not match (the message lists the missing / unexpected keys); pretrained
+            weights of another class count or normalization.
+        WeightsError: timm's pretrained weights cannot be had (offline and not cached) or do not fit.
     """
     model = create_model(cfg)
     if cfg.checkpoint:
         load_weights(model, cfg.checkpoint, cfg.callable or cfg.name)
         sha = file_sha256(cfg.checkpoint)
+    elif cfg.pretrained:
+        sha = weights_sha256(model)
     else:
         sha = f"callable:{cfg.callable}" if cfg.callable else "random"
     return Teacher(model, cfg, device=device, k=k, input_mean=input_mean, input_std=input_std,
                    checkpoint_sha256=sha)
+
+
+def weights_source(cfg: TeacherConfig) -> str:
+    """Where the teacher's weights come from, for messages."""
+    if cfg.checkpoint:
+        return f"teacher.checkpoint {cfg.checkpoint}"
+    if cfg.pretrained:
+        file = cfg.pretrained_cfg_overlay.get("file")
+        return f"timm pretrained {cfg.name}" + (f" from the file {file}" if file else "")
+    return f"teacher.callable {cfg.callable}" if cfg.callable else "random init"
 
 
 def describe(teacher: Teacher) -> dict:
@@ -282,5 +335,5 @@ def describe(teacher: Teacher) -> dict:
     return {**teacher.cfg.to_dict(), "checkpoint_sha256": teacher.checkpoint_sha256}
 
 
-__all__ = ["TeacherConfig", "TeacherOutput", "Teacher", "TeacherLoadError", "build_teacher",
-           "unwrap_state_dict", "load_weights", "file_sha256", "set_stem_stride", "describe"]
+__all__ = ["TeacherConfig", "TeacherOutput", "Teacher", "TeacherLoadError", "WeightsError", "build_teacher",
+           "unwrap_state_dict", "load_weights", "file_sha256", "set_stem_stride", "describe", "weights_source"]

@@ -65,3 +65,31 @@ def test_resume_under_another_spelling_then_nothing_to_do(ray_session, fmnist_sh
                       "expected 5 (this run), found 3 (in the cache)")
     assert err[1].startswith("  hint: a cache resumes only under the job config that made it")
     assert open_cache("c.zarr").done_items() == {(e, s) for e in range(2) for s in range(4)}
+
+
+def test_a_cache_made_before_a_config_field_existed_resumes_while_it_holds_its_default(fmnist_shards, tmp_path):
+    """``teacher.pretrained`` / ``pretrained_cfg_overlay`` came after caches were made: at their
+    defaults they change nothing, so such a cache resumes; set, they are a real difference."""
+    from pipeline.job import resume_attrs
+    from storage import CacheMismatchError
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "teacher.pt"
+    torch.save(create_model(TeacherConfig(**TINY_TEACHER)).state_dict(), ckpt)
+    cfg = CacheJobConfig.from_dict(dict(shards=str(fmnist_shards / "train"), out=str(tmp_path / "c.zarr"), epochs=1,
+                                        k=3, num_workers=0, teacher={**TINY_TEACHER, "checkpoint": str(ckpt)}))
+    manifest = load_manifest(cfg.shards)
+    older = cache_attrs(cfg, manifest)
+    for added in ("pretrained", "pretrained_cfg_overlay"):
+        del older["job"]["teacher"][added]
+    run_item(cfg, 0, 0, writer=open_writer(cfg, manifest, older), manifest=manifest)
+
+    open_writer(cfg, manifest, resume_attrs(cfg, cache_attrs(cfg, manifest)))       # resumes
+    assert "pretrained" not in open_cache(cfg.out).attrs["job"]["teacher"]
+    with pytest.raises(CacheMismatchError, match="field job.teacher.compile"):       # other fields still count
+        other = cfg.replace(teacher=cfg.teacher.replace(compile=True))
+        open_writer(other, manifest, resume_attrs(other, cache_attrs(other, manifest)))
+    tagged = cfg.replace(teacher=cfg.teacher.replace(checkpoint=None, name="regnety_002.pycls_in1k", pretrained=True,
+                                                     pretrained_cfg_overlay={"file": str(ckpt), "num_classes": 10}))
+    with pytest.raises(CacheMismatchError, match="field teacher: expected 'regnety_002.pycls_in1k'"):
+        open_writer(tagged, manifest, resume_attrs(tagged, cache_attrs(tagged, manifest)))
