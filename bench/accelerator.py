@@ -107,7 +107,7 @@ def replay_images(cfg: CacheJobConfig, manifest, shard_samples: dict) -> int:
     from pipeline.pool import InlinePool
     from pipeline.work import ItemFeed
 
-    feed = ItemFeed(cfg, manifest, OUT, pool=InlinePool(), read=lambda url, shard: shard_samples[shard.index])
+    feed = ItemFeed(cfg, manifest, OUT, pool=InlinePool(), read=lambda manifest, shard: shard_samples[shard.index])
     n = 0
     try:
         for s in manifest.shards:
@@ -156,7 +156,7 @@ def timm_transform(aug: AugConfig):
 
 def bench_per_core(cfg, manifest, rounds: int) -> dict:
     torch.set_num_threads(1)
-    samples = {s.index: read_shard(manifest.url(s), s) for s in manifest.shards}
+    samples = {s.index: read_shard(manifest, s) for s in manifest.shards}
     transform = timm_transform(cfg.aug)
     sides = {"replay": lambda: replay_images(cfg, manifest, samples),
              "timm": lambda: timm_images(transform, manifest, samples),
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     manifest = make_shards(work, args.images, args.shard_size)
     sizes = {}
     for s in manifest.shards:
-        for raw in read_shard(manifest.url(s), s):
+        for raw in read_shard(manifest, s):
             with Image.open(io.BytesIO(raw.data)) as im:
                 sizes[f"{im.size[0]}x{im.size[1]}"] = sizes.get(f"{im.size[0]}x{im.size[1]}", 0) + 1
     base = job_config(manifest, str(work / "unused.zarr"), 1.0)
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
     result.update(bench_per_core(base, manifest, args.rounds))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
     cpu_time_capacity = result["worker_capacity_per_core"] * args.workers
-    samples = {s.index: read_shard(manifest.url(s), s) for s in manifest.shards}
+    samples = {s.index: read_shard(manifest, s) for s in manifest.shards}
 
     import ray
 

@@ -98,7 +98,7 @@ def caching(cfg, manifest, teacher, device: torch.device) -> dict:
 def replay_per_core(cfg, manifest) -> float:
     """Images/s of the whole replay (decode once, 3 views, mix) on this core, one shard."""
     shard = manifest.shards[0]
-    samples = read_shard(manifest.url(shard), shard)
+    samples = read_shard(manifest, shard)
     t0, n = time.process_time(), 0
     for view in range(cfg.views):
         decoded: dict = {}
@@ -110,7 +110,7 @@ def replay_per_core(cfg, manifest) -> float:
 def student_batches(cfg, manifest, teacher, s: dict, device: torch.device, count: int) -> list[dict]:
     """Replayed (image, target) batches with the teacher's top-10 as cached rows, on the device."""
     shard = manifest.shards[0]
-    samples = read_shard(manifest.url(shard), shard)
+    samples = read_shard(manifest, shard)
     items = list(replay_items(samples, shard, cfg.aug, cfg.seed, 0, 0, s["img"], 1000,
                               pairs=item_pairs(cfg, 0, 0, shard)))
     out = []

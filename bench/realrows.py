@@ -189,8 +189,8 @@ def write_cache(path: Path, logits, k: int, tail) -> tuple:
     n = len(logits)
     samples = n // VIEWS
     shards = [(f, min(CHUNK_SAMPLES, samples - f)) for f in range(0, samples, CHUNK_SAMPLES)]
-    w = create_cache(path, shards=shards, shard_size=CHUNK_SAMPLES, num_samples=samples, epochs=1, views=VIEWS,
-                     k=k, num_classes=logits.shape[1], attrs={"bench": "targets"}, tail_dim=tail.dim if tail else 0)
+    w = create_cache(path, shards=shards, epochs=1, views=VIEWS, k=k, num_classes=logits.shape[1],
+                     attrs={"bench": "targets"}, tail_dim=tail.dim if tail else 0)
     if tail is not None:
         w.write_tail(tail)
     lp, idx = torch.log_softmax(logits.double(), -1).topk(k, dim=-1)

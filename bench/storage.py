@@ -65,8 +65,8 @@ def reader_rows_per_s(ev: torch.Tensor, tail, tmp: Path, batch: int, n_samples: 
     path = tmp / "speed.zarr"
     if not path.exists():
         shards = [(f, min(CHUNK_SAMPLES, n_samples - f)) for f in range(0, n_samples, CHUNK_SAMPLES)]
-        w = create_cache(path, shards=shards, shard_size=CHUNK_SAMPLES, num_samples=n_samples, epochs=1, views=VIEWS,
-                         k=k, num_classes=ev.shape[1], attrs={"bench": "speed"}, tail_dim=tail.dim)
+        w = create_cache(path, shards=shards, epochs=1, views=VIEWS, k=k, num_classes=ev.shape[1],
+                         attrs={"bench": "speed"}, tail_dim=tail.dim)
         w.write_tail(tail)
         rows = CHUNK_SAMPLES * VIEWS
         logits = ev.repeat(-(-rows // len(ev)), 1)[:rows]

@@ -96,7 +96,7 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
         cut = epoch_cut(cfg.seed, epoch, cfg.views)
         for (s, view), sids in sorted(wanted.items()):
             shard = manifest.shards[s]
-            raw = shard_cache.setdefault(s, read_shard(manifest.url(shard), shard))
+            raw = shard_cache.setdefault(s, read_shard(manifest, shard))
             pairs = [p for p in shard_pairs(cut, view, shard) if p[0] in sids]
             for item in replay_items(raw, shard, cfg.aug, cfg.seed, epoch, view, cfg.teacher.input_size,
                                      cfg.teacher.num_classes, pairs, skipped=[]):

@@ -26,7 +26,7 @@ def calibration_logits(cfg, manifest, teacher, rows: int) -> np.ndarray:
     images: list[torch.Tensor] = []
     for shard in manifest.shards:
         try:
-            raw = read_shard(manifest.url(shard), shard)
+            raw = read_shard(manifest, shard)
         except ShardError:
             continue
         decoded: dict = {}

@@ -185,7 +185,8 @@ class ItemFeed:
         pin: stage batches in pinned memory (a CUDA teacher: ``teacher.device.pin_memory``).
         pool: the replay workers (default ``pool.make_pool(cfg.replay, cfg.num_workers)``,
             closed with the feed).
-        read: ``read(url, shard) -> [RawSample]``; raises ShardError naming the shard.
+        read: ``read(manifest, shard) -> [RawSample]`` (default ``shards.read_shard``, any URL);
+            raises ShardError naming the shard.
     """
 
     def __init__(self, cfg, manifest, out_size: int, *, pin: bool = False, pool=None,
@@ -264,7 +265,7 @@ class ItemFeed:
             if item.cancelled:
                 continue
             try:
-                samples = self.read(self.manifest.url(item.shard), item.shard)
+                samples = self.read(self.manifest, item.shard)
                 by_id = {s.sample_id: s for s in samples}
                 groups = item.plan(samples, self.cfg)
             except BaseException as exn:  # ShardError, or a bug: raised where the batches are read

@@ -6,9 +6,9 @@ both import this module and not each other: the job sits above the work, this si
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
+from pipeline import urls
 from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig, fingerprint
 from teacher.model import TeacherConfig, build_teacher, file_sha256
@@ -23,7 +23,8 @@ class CacheJobConfig(ConfigBase):
     """Everything that defines a teacher cache (values only; saved in the cache attrs).
 
     Args:
-        shards: split directory with ``manifest.json`` (see pipeline.shards).
+        shards: split folder holding ``manifest.json``: a path or any fsspec URL (``s3://...``;
+            credentials from the environment / fsspec config, see pipeline.urls).
         out: cache path (local directory or fsspec URL).
         epochs, views: rows are (epoch, sample_id, view) for epoch < epochs, view < views.
         k: top-k logits stored per row.
@@ -106,19 +107,16 @@ PATH_FIELDS = {("shards",): "manifest_sha256", ("teacher", "checkpoint"): "check
                ("teacher", "pretrained_cfg_overlay", "file"): "checkpoint_sha256"}
 
 
-def _absolute(path: str | None) -> str | None:
-    return os.path.abspath(path) if path and "://" not in path else path
-
-
 def absolute_paths(cfg: CacheJobConfig) -> CacheJobConfig:
     """``cfg`` with local paths made absolute (URLs kept): Ray actors do not share the driver's
     working directory, and the job config stored in the cache must work from anywhere."""
     t = cfg.teacher
     overlay = dict(t.pretrained_cfg_overlay)
     if overlay.get("file"):
-        overlay["file"] = _absolute(overlay["file"])
-    return cfg.replace(shards=_absolute(cfg.shards), out=_absolute(cfg.out),
-                       teacher=t.replace(checkpoint=_absolute(t.checkpoint), pretrained_cfg_overlay=overlay))
+        overlay["file"] = urls.absolute(overlay["file"])
+    checkpoint = t.checkpoint and urls.absolute(t.checkpoint)
+    return cfg.replace(shards=urls.absolute(cfg.shards), out=urls.absolute(cfg.out),
+                       teacher=t.replace(checkpoint=checkpoint, pretrained_cfg_overlay=overlay))
 
 
 def cache_attrs(cfg: CacheJobConfig, manifest) -> dict:
@@ -188,8 +186,7 @@ def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
     from storage import create_cache
 
     return create_cache(
-        cfg.out, shards=manifest.shards, shard_size=manifest.shard_size,
-        num_samples=manifest.num_samples, epochs=cfg.epochs, views=cfg.views, k=cfg.k,
+        cfg.out, shards=manifest.shards, epochs=cfg.epochs, views=cfg.views, k=cfg.k,
         num_classes=cfg.teacher.num_classes, attrs=attrs, tail_dim=cfg.tail.dim,
     )
 

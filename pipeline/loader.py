@@ -4,7 +4,7 @@ A rank's rows come as :class:`pipeline.schedule.Unit` s (a slice of one shard's 
 one cache epoch and view). Each DataLoader worker gets whole units (``schedule.deal_to_workers``)
 and runs the stages::
 
-    units -> open (read the shard's tar with webdataset; ShardError names the shard)
+    units -> open (read the shard's tar: ``shards.read_shard``, any URL; ShardError names the shard)
           -> interleave (``interleave`` shards replayed at once, each with all the views and
              parts this worker owns; items drawn at random in proportion to what is left)
           -> shuffle (buffer of ``shuffle_buffer`` items spanning those units)
@@ -23,18 +23,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-import webdataset as wds
 
 from pipeline.plan import AugConfig
 from pipeline.replay import ReplayItem, collate, replay_items
 from pipeline.schedule import Schedule, Unit, deal_to_workers
-from pipeline.shards import Manifest, RawSample, ShardError, ShardInfo, sample_from_fields
+from pipeline.shards import Manifest, read_shard
 
 
 @dataclass(frozen=True)
@@ -70,33 +68,6 @@ class LoaderConfig:
                 raise ValueError(f"loader {name} must be >= 1, found {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"loader num_workers must be >= 0, found {self.num_workers}")
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _raise_shard_error(exn: Exception) -> bool:
-    """WebDataset handler: never skip; re-raise as ShardError naming the shard url."""
-    if isinstance(exn, ShardError):
-        exn.args = exn.args[:1]  # drop the (stream, url) webdataset appended on the way out
-        raise exn
-    # webdataset appends (stream, url) to exn.args, or "@ <stream name='url'>" to the message
-    first = str(exn.args[0]) if exn.args else ""
-    strings = [a for a in exn.args[1:] if isinstance(a, str)]
-    named = re.search(r"name='([^']+)'", first)
-    url = strings[-1] if strings else named.group(1) if named else "?"
-    raise ShardError(f"shard {url.rsplit('/', 1)[-1]}: broken tar ({url}): {type(exn).__name__}: {first}") from exn
-
-
-def read_samples(manifest: Manifest, shard: ShardInfo) -> list[RawSample]:
-    """One whole shard as RawSamples, read with webdataset (sid and count checked against the manifest)."""
-    url = manifest.url(shard)
-    fields = list(wds.tarfile_to_samples(handler=_raise_shard_error)([{"url": url}]))
-    raws = [sample_from_fields(f, f["__key__"], shard, i) for i, f in enumerate(fields)]
-    if len(raws) != shard.count:
-        raise ShardError(f"shard {shard.name}: {len(raws)} samples read, manifest says {shard.count} "
-                         f"(truncated tar?) ({url})")
-    return raws
 
 
 class _LRU(OrderedDict):
@@ -204,7 +175,7 @@ class _Units(torch.utils.data.IterableDataset):
             def run() -> Iterator:
                 shard = self.manifest.shards[unit.shard]
                 if unit.shard not in shards:
-                    shards[unit.shard] = read_samples(self.manifest, shard)
+                    shards[unit.shard] = read_shard(self.manifest, shard)
                 items = replay_items(shards[unit.shard], shard, self.aug, self.seed, unit.epoch, unit.view,
                                      cfg.out_size, self.manifest.num_classes, unit.pairs(self.seed, shard),
                                      skipped=records.append, decoded=decoded, extra_size=cfg.extra_size)

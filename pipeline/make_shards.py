@@ -1,4 +1,5 @@
-"""Write WebDataset shards + manifest from an ImageFolder tree or the Fashion-MNIST IDX files.
+"""Write WebDataset shards + manifest from an ImageFolder tree or the Fashion-MNIST IDX files,
+or index WebDataset shards that already exist (written by another tool) without rewriting them.
 
 Examples::
 
@@ -10,7 +11,13 @@ Examples::
     # Fashion-MNIST (first N images of train / t10k), PNG-encoded, lossless
     python -m pipeline.make_shards fmnist --out /data/fmnist-wds --limit-train 6000 --limit-val 1000
 
-Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/manifest.json (see pipeline/shards.py).
+    # shards you already have, anywhere (path, s3://, gs://, https://, pipe:...): a manifest only
+    python -m pipeline.make_shards index 's3://bucket/imagenet/train-{000000..001281}.tar' \
+        --out /data/imagenet-manifests/train --classes synsets.txt [--skip-bad]
+
+Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/manifest.json (see pipeline/shards.py);
+OUT may be a local folder or any fsspec URL (s3://bucket/imagenet-wds). ``index`` writes
+MANIFEST_DIR/manifest.json only (see pipeline/index.py for the layouts it reads).
 Class index = position in sorted class-folder names of the train folder (or in --classes; a
 listed class may have no folder, e.g. a 100-class subset labelled in ImageNet's 1000).
 The val folder must use class subfolders too (e.g. after ImageNet's valprep.sh).
@@ -21,7 +28,8 @@ A corrupt or unreadable image stops the run with an error naming the file, unles
 --skip-bad, which records it (path + error) under "skipped" in the manifest.
 Each split is written to a temporary folder and moved into place when complete: a failed or
 killed run leaves no half-written split, and re-running the same command finishes the job
-(complete splits made by the same command are kept).
+(complete splits made by the same command are kept). On an object store (no rename) the
+manifest, written last, marks a split complete; a split without one is rewritten by a re-run.
 """
 from __future__ import annotations
 
@@ -38,7 +46,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import urls
 from pipeline.cli import add_debug_flag, plural, run_cli
+from pipeline.index import __doc__ as index_doc
+from pipeline.index import default_workers, index_shards, padding
 from pipeline.shards import (MANIFEST_NAME, SourceSample, class_mix_warning, encode_png, load_manifest,
                              sanitize_key, write_shards)
 
@@ -54,7 +65,7 @@ FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
     """Class folder names, one per line; only the first whitespace token counts (synset files)."""
-    names = [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+    names = [line.split()[0] for line in urls.read_bytes(os.fspath(path)).decode().splitlines() if line.strip()]
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:
         raise ValueError(f"{path}: duplicate class names {dup[:5]}")
@@ -141,16 +152,24 @@ def fmnist_samples(split: str, images: np.ndarray, labels: np.ndarray) -> Iterat
 
 # --------------------------------------------------------------------------- CLI
 
-def _bar(desc: str, total: int):
-    return lambda it: tqdm(it, total=total, desc=desc, unit="img", dynamic_ncols=True)
+def _bar(desc: str, total: int, unit: str = "img"):
+    return lambda it: tqdm(it, total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def _print_summary(m) -> None:
+    bad = m.bad_samples()
     print(f"{m.path}: {plural(m.num_samples, 'sample')} in {plural(len(m.shards), 'shard')} of up to "
           f"{m.shard_size:,}, {plural(m.num_classes, 'class', 'classes')}, "
-          f"{len(m.skipped):,} skipped")
+          f"{len(m.skipped) + len(bad):,} skipped")
     for s in m.skipped:
         print(f"  skipped {s['path']}: {s['error']}", file=sys.stderr)
+    for b in bad:
+        print(f"  listed as bad (keeps sample_id {b['sample_id']}, cached as a missing row): {b['error']}",
+              file=sys.stderr)
+    if padding(m) > 0.1:
+        print(f"note: shard sizes vary ({min(s.count for s in m.shards):,}..{m.shard_size:,} samples): the cache "
+              f"gives every shard a slot of {m.shard_size:,} rows, {100 * padding(m):.0f}% of them padding",
+              file=sys.stderr)
     warning = class_mix_warning(m)
     if warning:
         print(warning, file=sys.stderr)
@@ -158,9 +177,9 @@ def _print_summary(m) -> None:
 
 def _write_split(samples, out: str, split: str, classes, args, source: dict, total: int) -> None:
     """Write one split, or keep it when a complete one from the same command is already there."""
-    split_dir = Path(out) / split
+    split_dir = urls.join(out, split)
     order = {"shuffle_seed": None if args.keep_order else args.shuffle_seed}
-    if (split_dir / MANIFEST_NAME).exists() and not args.overwrite:
+    if urls.exists(urls.join(split_dir, MANIFEST_NAME)) and not args.overwrite:
         m = load_manifest(split_dir)
         if m.source == source and m.shard_size == args.shard_size and m.order == order:
             print(f"{split_dir}: complete from an earlier run of this command, kept")
@@ -168,6 +187,23 @@ def _write_split(samples, out: str, split: str, classes, args, source: dict, tot
     m = write_shards(samples, out, split, classes, args.shard_size, shuffle_seed=order["shuffle_seed"],
                      skip_bad=args.skip_bad, overwrite=args.overwrite, source=source,
                      progress=_bar(split, total))
+    _print_summary(m)
+
+
+def _index(args) -> None:
+    """The ``index`` subcommand: keep a manifest this command wrote before, else write it."""
+    classes = read_class_list(args.classes) if args.classes else None
+    source = {"type": "index", "shards": args.shards, "label_key": args.label_key, "skip_bad": args.skip_bad}
+    if urls.exists(urls.join(args.out, MANIFEST_NAME)) and not args.overwrite:
+        m = load_manifest(args.out)
+        if m.source != source or (classes is not None and m.classes != classes):
+            raise FileExistsError(f"{args.out} already holds a manifest of other shards or settings "
+                                  f"(use --overwrite)")
+        print(f"{args.out}: complete from an earlier run of this command, kept")
+        return
+    m = index_shards(args.shards, args.out, classes=classes, label_key=args.label_key, skip_bad=args.skip_bad,
+                     split=args.split, workers=args.workers, progress=_bar("index", len(urls.expand(args.shards)),
+                                                                           "shard"))
     _print_summary(m)
 
 
@@ -204,11 +240,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     m.add_argument("--limit-train", type=int, default=None, help="take the first N train images (default all)")
     m.add_argument("--limit-val", type=int, default=None, help="take the first N t10k images (default all)")
     common(m, 1000)
+
+    x = sub.add_parser("index", help="existing WebDataset shards (any URL) -> a manifest, shards untouched",
+                       description=index_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("shards", nargs="+", help="shard URLs in sample order: paths, fsspec URLs (s3://, gs://, "
+                                             "https://, ...) or pipe: commands; {000000..001281} is expanded")
+    x.add_argument("--out", required=True, help="manifest folder (path or URL); writes OUT/manifest.json")
+    x.add_argument("--classes", help="file listing class names in label order (first token per line); needed "
+                                     "when labels are names; default: classes 0..max label")
+    x.add_argument("--label-key", default=None, help="read the label from this .json field only "
+                                                     "(default: .cls, else .json 'label', else .txt)")
+    x.add_argument("--skip-bad", action="store_true",
+                   help="list unusable samples in the manifest (they keep their ids; cached as missing rows) "
+                        "instead of failing")
+    x.add_argument("--split", default=None, help="split name (default: the last component of --out)")
+    x.add_argument("--workers", type=int, default=default_workers(), help="shards read in parallel")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    add_debug_flag(x)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.source == "index":
+        _index(args)
+        return 0
     if args.source == "fmnist":
         for split, limit in (("train", args.limit_train), ("val", args.limit_val)):
             images, labels = load_fmnist(split, args.dir, limit)

@@ -2,7 +2,7 @@
 
     bash scripts/rehearsal.sh            # full: 100 classes x 12 images, 2 cache epochs x 3 views
     bash scripts/rehearsal.sh --quick    # short version (CI, tests/test_rehearsal.py)
-    python scripts/rehearsal.py [--quick] [--out DIR]
+    python scripts/rehearsal.py [--quick] [--out DIR] [--data URL] [--cache URL]
 
 Input: an ImageNet-shaped folder tree made from real photos (``bench/photos.py``): 100 class
 folders with synset-like names written in sorted order and labelled within ImageNet's 1000
@@ -22,7 +22,9 @@ It prints and checks (exit 1 when a check fails):
 * cache rows = epochs x N x views (the truncated file skipped by make_shards, none lost later);
 * audit top-1 agreement of re-scored replays with the cache (100 % in fp32);
 * bytes per cached row.
-Results go to ``OUT/rehearsal.json``.
+Results go to ``OUT/rehearsal.json``. ``--data`` and ``--cache`` put the shards and the cache
+where a real run keeps them (any path or fsspec URL, e.g. ``s3://bucket/rehearsal``; credentials
+from the environment), so the rehearsal also checks that every stage reads and writes there.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from pipeline import urls  # noqa: E402
 
 SIZES = {  # classes x train/val images per class, shard size, cache epochs, audit rows per epoch
     "quick": dict(classes=100, train=2, val=1, shard=32, epochs=1, audit=60),
@@ -109,6 +113,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the short version (CI)")
     ap.add_argument("--out", default=None, help="work folder (default runs/rehearsal[-quick])")
+    ap.add_argument("--data", default=None, help="where make_shards writes the shards, a path or URL "
+                                                 "(default OUT/shards)")
+    ap.add_argument("--cache", default=None, help="where the cache goes, a path or URL (default OUT/cache.zarr)")
     args = ap.parse_args(argv)
     size = SIZES["quick" if args.quick else "full"]
     out = Path(args.out or REPO / ("runs/rehearsal-quick" if args.quick else "runs/rehearsal")).resolve()
@@ -117,20 +124,21 @@ def main(argv=None) -> int:
     py = sys.executable
 
     tree, classes = build_tree(out, size)
-    shards = out / "shards"
+    shards = args.data or str(out / "shards")
+    train_split, val_split = urls.join(shards, "train"), urls.join(shards, "val")
     run([py, "-m", "pipeline.make_shards", "imagefolder", "--root", tree, "--classes", classes, "--out", shards,
          "--shard-size", size["shard"], "--skip-bad", "--overwrite"], out / "make_shards.log")
 
     from teacher.efficientnet_lite import lite0_weights_path
 
-    cache = out / "cache.zarr"
+    cache = args.cache or str(out / "cache.zarr")
     run([py, "-m", "pipeline.cache", "--config", "configs/cache/imagenet_regnety160.yaml", "--no-progress",
-         f"shards={shards / 'train'}", f"out={cache}", f"epochs={size['epochs']}", f"views={VIEWS}",
+         f"shards={train_split}", f"out={cache}", f"epochs={size['epochs']}", f"views={VIEWS}",
          f"batch_size={BATCH}", "num_workers=1", "teacher.name=tf_efficientnet_lite0",
          f"teacher.checkpoint={lite0_weights_path()}"], out / "cache.log")
 
     student = out / "student"
-    overrides = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"cache.path={cache}",
+    overrides = [f"data.train={train_split}", f"data.val={val_split}", f"cache.path={cache}",
                  "model.name=deit_tiny_distilled_patch16_224",
                  "model.model_kwargs={embed_dim: 64, depth: 2, num_heads: 2}",
                  f"data.batch_size={BATCH}", "data.num_workers=1", "data.eval_batch_size=64",
@@ -146,9 +154,9 @@ def main(argv=None) -> int:
     from pipeline.shards import load_manifest
     from student.config import TrainConfig
 
-    manifest = load_manifest(shards / "train")
+    manifest = load_manifest(train_split)
     n = manifest.num_samples
-    summary = json.loads((cache / "summary.json").read_text())
+    summary = json.loads(urls.read_bytes(urls.join(cache, "summary.json")))
     with open(student / "metrics.csv", newline="") as f:
         epoch_rows = [r for r in csv.DictReader(f) if r.get("train_images")]
     audit = json.loads(audit_json.read_text())
@@ -173,6 +181,7 @@ def main(argv=None) -> int:
     }
     result = {
         "size": "quick" if args.quick else "full", "seconds": round(time.time() - t0, 1),
+        "data": shards, "cache": cache,
         "images": n, "classes_with_images": stats["classes"], "num_classes": manifest.num_classes,
         "shards": len(manifest.shards), "skipped_by_make_shards": [s["path"] for s in manifest.skipped],
         "cache_epochs": size["epochs"], "views": VIEWS, "bytes_per_row": summary["bytes_per_row"],

@@ -1,26 +1,32 @@
 """The teacher-target cache: a Zarr v3 group. The only module that knows the on-disk layout.
 
-Layout (format_version 3)::
+Layout (format_version 4; S = slot, the largest shard's sample count)::
 
     <path>/zarr.json   group; attrs = caller provenance + format_version + kdcache_layout
-    <path>/prob        uint16 [epochs, num_samples, views, k]  top-k probability codes (storage/encoding.py)
-    <path>/index       uint16 [epochs, num_samples, views, k]  top-k class ids, sorted ascending, delta-coded
-    <path>/tail_mass   uint16 [epochs, num_samples, views]     probability code of the tail mass
-    <path>/valid       bool   [epochs, num_samples, views]     False = row missing (corrupt sample, ...)
-    <path>/done        string [epochs, num_shards]             "" = not done; else JSON {"rows": n_valid,
-                                                               "missing": [records], "fidelity": {...}}
+    <path>/prob        uint16 [epochs, num_shards * S, views, k]  top-k probability codes (storage/encoding.py)
+    <path>/index       uint16 [epochs, num_shards * S, views, k]  top-k class ids, sorted ascending, delta-coded
+    <path>/tail_mass   uint16 [epochs, num_shards * S, views]     probability code of the tail mass
+    <path>/valid       bool   [epochs, num_shards * S, views]     False = row missing (corrupt sample, padding)
+    <path>/done        string [epochs, num_shards]                "" = not done; else JSON {"rows": n_valid,
+                                                                  "missing": [records], "fidelity": {...}}
     with a learned tail (layout tail_dim > 0; teacher/tail.py), written once by ``write_tail``
     before any item, so every row of the cache uses the same basis (also after a resume):
     <path>/tail_mean   float32 [C];  tail_step float32 [D];  tail_basis float32 [D, C] (written last)
-    <path>/tail_code   int8   [epochs, num_samples, views, D]  per-row tail codes
+    <path>/tail_code   int8   [epochs, num_shards * S, views, D]  per-row tail codes
 
 The ``fidelity`` record of a done item holds the sums over (up to ``FIDELITY_ROWS``) rows of
 the TV and KL of the stored rebuild vs the full teacher distribution, for several k and τ
 (teacher/fidelity.py), when the writer was given the full logits.
 
-Chunks are (1, shard_size, views, k): since every shard holds exactly ``shard_size`` samples
-(except the last), one (epoch, shard) work item owns whole chunks, so concurrent writers never
-share a chunk (Zarr would silently lose one of the updates). The ``done`` chunk of an item is
+**Slots.** Shards may hold different numbers of samples (shards written by other tools), yet
+one (epoch, shard) work item must own whole chunks: two writers in one chunk make Zarr silently
+lose one of the updates (and the local store writes chunks atomically, a shared one could not
+be). So every shard gets a slot of S rows, S = the largest shard's count, and chunks are
+(1, S, views, k): sample ``sample_id`` of shard ``i`` (ids ``[first_i, first_i + count_i)``) lives in
+row ``i * S + sample_id - first_i``; the rows past a shard's count are padding, never valid.
+Readers map ids to rows with one ``searchsorted`` over the shards' first ids. Shards of equal
+size (``make_shards``) pad only the last one. Format 3 stored rows at ``sample_id``; it is
+refused (``format_version``), not misread. The ``done`` chunk of an item is
 written LAST, after its data, and also carries the item's missing-row records — one chunk per
 item, never a shared attrs dict. A reader only trusts rows of done items.
 
@@ -42,7 +48,7 @@ from zarr.core.sync import sync
 
 from storage import encoding
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 LAYOUT_KEY = "kdcache_layout"
 FIDELITY_ROWS = 256  # rows per item whose fidelity the writer records (the first ones): ~0.4 s of CPU per item
 ROW_ARRAYS = ("prob", "index", "tail_mass", "tail_code", "valid", "done")  # per-row; the tail basis is per cache
@@ -62,11 +68,19 @@ class CacheNotReady(RuntimeError):
 
 # ----------------------------------------------------------------------------- helpers
 def _open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
-    """Open a group from a local path, ``file://`` URL, or any fsspec URL (``memory://``, ``s3://``)."""
+    """Open a group from a local path, ``file://`` URL, or any fsspec URL (``memory://``, ``s3://``).
+
+    Credentials and endpoints come from the environment and fsspec's configuration (e.g.
+    ``FSSPEC_S3_ENDPOINT_URL``), never from kdcache configs. Directory listings are not cached:
+    other processes (the job's actors, a resumed job) add chunks and done markers all the time,
+    and a cached listing would hide them (s3fs then reports a listed key as missing).
+    """
     path = os.fspath(path)
     if path.startswith("file://"):
         path = path[len("file://"):]
-    return zarr.open_group(path, mode=mode, zarr_format=3)
+    if "://" not in path:
+        return zarr.open_group(path, mode=mode, zarr_format=3)
+    return zarr.open_group(path, mode=mode, zarr_format=3, storage_options={"use_listings_cache": False})
 
 
 def _plain(value: Any) -> Any:
@@ -107,10 +121,17 @@ def _mismatch(path: str, field: str, expected: Any, found: Any) -> CacheMismatch
 
 
 def _shard_bounds(shards: Sequence[Any]) -> list[tuple[int, int]]:
-    """(first_id, count) per shard from ShardInfo objects or pairs."""
+    """(first_id, count) per shard from ShardInfo objects or pairs; ids must be contiguous."""
     out = []
-    for s in shards:
-        out.append((int(s.first_id), int(s.count)) if hasattr(s, "first_id") else (int(s[0]), int(s[1])))
+    for i, s in enumerate(shards):
+        first, count = (int(s.first_id), int(s.count)) if hasattr(s, "first_id") else (int(s[0]), int(s[1]))
+        expected = out[-1][0] + out[-1][1] if out else 0
+        if first != expected or count < 1:
+            raise ValueError(f"shard {i}: first_id {first}, count {count}: expected first_id {expected} "
+                             f"(the counts of the shards before it) and a count >= 1")
+        out.append((first, count))
+    if not out:
+        raise ValueError("no shards")
     return out
 
 
@@ -142,8 +163,9 @@ class _CacheBase:
         self.k: int = layout["k"]
         self.num_classes: int = layout["num_classes"]
         self.num_samples: int = layout["num_samples"]
-        self.shard_size: int = layout["shard_size"]
+        self.slot: int = layout["slot"]
         self.shards: list[tuple[int, int]] = [tuple(s) for s in layout["shards"]]
+        self._firsts = np.array([first for first, _ in self.shards], np.int64)
         self.tail_dim: int = layout["tail_dim"]
         self._prob = group["prob"]
         self._index = group["index"]
@@ -182,6 +204,11 @@ class _CacheBase:
         records = [rec["fidelity"] for it in sorted(self.done_items())
                    if "fidelity" in (rec := self._done_record(*it) or {})]
         return summarize(records)
+
+    def row_slots(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, storage row) of each sample id: row = shard x slot + position in the shard."""
+        shard = np.searchsorted(self._firsts, sample_ids, side="right") - 1
+        return shard, shard * self.slot + sample_ids - self._firsts[shard]
 
     def _check_item(self, epoch: int, shard_index: int) -> None:
         if not 0 <= epoch < self.epochs:
@@ -265,7 +292,7 @@ class CacheWriter(_CacheBase):
         if tail.num_classes != self.num_classes or not 0 <= tail.dim <= self.tail_dim:
             raise CacheMismatchError(f"cache {self.path}: field tail_basis: expected [<= {self.tail_dim}, "
                                      f"{self.num_classes}], found {list(tail.basis.shape)}")
-        rows, chunk = (self.epochs, self.num_samples, self.views), (1, self.shard_size, self.views)
+        rows, chunk = (self.epochs, len(self.shards) * self.slot, self.views), (1, self.slot, self.views)
         self.group.create_array("tail_code", shape=rows + (tail.dim,), chunks=chunk + (max(tail.dim, 1),), dtype="int8",
                                 fill_value=0, compressors=[BloscCodec(cname="zstd", clevel=9, shuffle="noshuffle")])
         for name, value in (("tail_mean", tail.mean), ("tail_step", tail.step), ("tail_basis", tail.basis)):
@@ -326,23 +353,25 @@ class CacheWriter(_CacheBase):
         tail = self.tail_model()
         log_tail, tail_codes, fidelity = self._tail_fields(logprobs, indices, logits, tail)
 
-        prob = np.zeros((count, self.views, self.k), np.uint16)
-        index = np.zeros((count, self.views, self.k), np.uint16)
-        mass = np.zeros((count, self.views), np.uint16)
-        valid = np.zeros((count, self.views), bool)
+        slot, lo = self.slot, shard_index * self.slot
+        prob = np.zeros((slot, self.views, self.k), np.uint16)
+        index = np.zeros((slot, self.views, self.k), np.uint16)
+        mass = np.zeros((slot, self.views), np.uint16)
+        valid = np.zeros((slot, self.views), bool)
         prob[rows, views] = codes
         index[rows, views] = gaps
         mass[rows, views] = encoding.encode_probs(log_tail)
         valid[rows, views] = True
-        # whole-chunk writes: zarr never reads-modifies-writes a chunk covered entirely
-        self._prob[epoch, first:first + count] = prob
-        self._index[epoch, first:first + count] = index
-        self._tail_mass[epoch, first:first + count] = mass
+        # whole-chunk writes (the item's slot, padding included): zarr never reads-modifies-writes
+        # a chunk covered entirely
+        self._prob[epoch, lo:lo + slot] = prob
+        self._index[epoch, lo:lo + slot] = index
+        self._tail_mass[epoch, lo:lo + slot] = mass
         if tail is not None:
-            code = np.zeros((count, self.views, tail.dim), np.int8)
+            code = np.zeros((slot, self.views, tail.dim), np.int8)
             code[rows, views] = tail_codes
-            self.group["tail_code"][epoch, first:first + count] = code
-        self._valid[epoch, first:first + count] = valid
+            self.group["tail_code"][epoch, lo:lo + slot] = code
+        self._valid[epoch, lo:lo + slot] = valid
         record = {"rows": int(n), "missing": [_plain(dict(m)) for m in missing]}
         if fidelity is not None:
             record["fidelity"] = fidelity
@@ -379,34 +408,29 @@ class CacheWriter(_CacheBase):
         return log_tail.numpy(), codes, fidelity
 
 
-def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], shard_size: int, num_samples: int,
-                 epochs: int, views: int, k: int, num_classes: int, attrs: dict, tail_dim: int = 0) -> CacheWriter:
+def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], epochs: int, views: int, k: int,
+                 num_classes: int, attrs: dict, tail_dim: int = 0) -> CacheWriter:
     """Create the cache group (or reopen it for resume when its attrs are identical).
 
     Args:
-        shards: ShardInfo list (or (first_id, count) pairs); every shard but the last must hold
-            exactly ``shard_size`` samples, and first_id = index * shard_size.
+        shards: ShardInfo list (or (first_id, count) pairs) in shard order: ids contiguous from 0,
+            any count >= 1 (each shard gets a slot of the largest count, see the module docstring).
         attrs: caller provenance (teacher, checkpoint_sha256, fingerprint, manifest_sha256, seed, ...).
         tail_dim: largest learned-tail basis (teacher/tail.py); 0 = uniform tail. With a learned
             tail, :meth:`CacheWriter.write_tail` must run before the first item.
 
     Raises:
         CacheMismatchError: the cache exists with different attrs or layout (names the field).
-        ValueError: shards inconsistent with shard_size / num_samples.
+        ValueError: shard ids not contiguous, or an empty shard.
     """
     path = os.fspath(path)
     bounds = _shard_bounds(shards)
-    for i, (first, count) in enumerate(bounds):
-        last = i == len(bounds) - 1
-        if first != i * shard_size or count > shard_size or (not last and count != shard_size) or count < 1:
-            raise ValueError(f"shard {i}: first_id {first}, count {count} do not follow shard_size {shard_size}")
-    if sum(c for _, c in bounds) != num_samples:
-        raise ValueError(f"shards hold {sum(c for _, c in bounds)} samples, num_samples is {num_samples}")
+    slot, num_samples = max(c for _, c in bounds), sum(c for _, c in bounds)
     if min(epochs, views, k, num_classes) < 1 or k > num_classes or num_classes > 65536 or tail_dim < 0:
         raise ValueError(f"bad layout: epochs {epochs}, views {views}, k {k}, num_classes {num_classes}, "
                          f"tail_dim {tail_dim}")
     layout = {"epochs": epochs, "views": views, "k": k, "num_classes": num_classes, "num_samples": num_samples,
-              "shard_size": shard_size, "shards": [list(b) for b in bounds], "encoding": encoding.ENCODING,
+              "slot": slot, "shards": [list(b) for b in bounds], "encoding": encoding.ENCODING,
               "tail_dim": min(tail_dim, num_classes - 1) if k < num_classes else 0}  # k = C: no tail
     wanted = _plain({**attrs, "format_version": FORMAT_VERSION, LAYOUT_KEY: layout})
 
@@ -420,8 +444,8 @@ def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], shard_size: 
         return CacheWriter(group, path)
 
     group.attrs.put(wanted) if hasattr(group.attrs, "put") else group.attrs.update(wanted)
-    rows = (epochs, num_samples, views)
-    chunk = (1, shard_size, views)
+    rows = (epochs, len(bounds) * slot, views)
+    chunk = (1, slot, views)  # one item = one chunk (its slot)
     # row-major chunks (measured better than a rank-major transpose); see storage/encoding.py
     for name, shape in (("prob", rows + (k,)), ("index", rows + (k,)), ("tail_mass", rows)):
         group.create_array(name, shape=shape, chunks=chunk + shape[3:], dtype="uint16", fill_value=0,
@@ -438,8 +462,8 @@ class CacheReader(_CacheBase):
     """Vectorized lookups of cached rows.
 
     Decoded items are kept in compact rank-order form (uint16 codes and indices, uint16 tail
-    mass, int8 tail codes) inside one dense per-epoch buffer of ``num_samples * views`` rows,
-    filled chunk by chunk on first use; ``cache_epochs`` epochs are kept (least recently used
+    mass, int8 tail codes) inside one dense per-epoch buffer of ``num_shards * slot * views`` rows
+    (the storage rows, padding included), filled chunk by chunk on first use; ``cache_epochs`` epochs are kept (least recently used
     evicted), so a lookup is a few numpy gathers over the batch plus a dequantization table.
     Memory: ``4k + 3 + D`` bytes per row and epoch (ImageNet, 3 views, k=10, D=64: 411 MB per
     epoch), and ``np.zeros`` pages are only touched for loaded shards.
@@ -456,7 +480,7 @@ class CacheReader(_CacheBase):
     def _epoch_buffer(self, epoch: int) -> dict[str, np.ndarray]:
         buf = self._epochs.get(epoch)
         if buf is None:
-            rows, k = self.num_samples * self.views, self.k
+            rows, k = len(self.shards) * self.slot * self.views, self.k
             tail = self.tail_model()
             # np.zeros pages are allocated lazily: only loaded shards cost memory
             buf = {"codes": np.zeros((rows, k), np.uint16), "index": np.zeros((rows, k), np.uint16),
@@ -474,9 +498,9 @@ class CacheReader(_CacheBase):
     def _load(self, epoch: int, shard_index: int, buf: dict[str, np.ndarray]) -> None:
         if not self.is_done(epoch, shard_index):
             raise CacheNotReady(epoch, shard_index, self.path)
-        first, count = self.shards[shard_index]
-        sl = slice(first, first + count)
-        flat = slice(first * self.views, (first + count) * self.views)
+        lo, count = shard_index * self.slot, self.shards[shard_index][1]
+        sl = slice(lo, lo + count)
+        flat = slice(lo * self.views, (lo + count) * self.views)
         codes, index = encoding.decode_rows(self._prob[epoch, sl].reshape(-1, self.k),
                                             self._index[epoch, sl].reshape(-1, self.k))
         buf["codes"][flat], buf["index"][flat] = codes, index
@@ -508,12 +532,11 @@ class CacheReader(_CacheBase):
                 raise IndexError(f"cache {self.path}: view out of range [0, {self.views})")
         buf = self._epoch_buffer(epoch)
         loaded = buf["loaded"]
-        if not loaded.all():
-            shard = sample_ids // self.shard_size
-            if not loaded[shard].all():
-                for s in np.unique(shard[~loaded[shard]]):
-                    self._load(epoch, int(s), buf)
-        rows = sample_ids * self.views + views
+        shard, slots = self.row_slots(sample_ids)
+        if not loaded[shard].all():
+            for s in np.unique(shard[~loaded[shard]]):
+                self._load(epoch, int(s), buf)
+        rows = slots * self.views + views
         code = buf["tail_code"][rows] if "tail_code" in buf else None
         return CachedRows(self._lut[buf["codes"][rows]], buf["index"][rows].astype(np.int64), buf["valid"][rows],
                           self._lut[buf["tail_mass"][rows]], code)
@@ -552,7 +575,7 @@ def open_cache(path: str | os.PathLike, expect: dict | None = None, cache_epochs
     """Open a cache for reading; refuse it when an ``expect`` field differs from its attrs.
 
     ``expect`` keys are looked up among the caller attrs first, then the layout
-    (k, epochs, views, num_classes, num_samples, shard_size).
+    (k, epochs, views, num_classes, num_samples, slot).
 
     Raises:
         CacheMismatchError: ``cache <path>: field k: expected 10, found 5``.

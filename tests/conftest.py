@@ -4,6 +4,8 @@
   the Debian IDX files; skipped when they are absent.
 * ``make_imagefolder``: builder for a tiny RGB ImageFolder tree (JPEG + PNG files).
 * ``rgb_shards``: such a tree (3 classes x 7 images) written as a ``train`` split, shard_size 8.
+* ``s3_endpoint``: a local S3 server (moto, 127.0.0.1) for the session, found through the
+  environment as a user's own would be (``tests/servers.py``).
 """
 from __future__ import annotations
 
@@ -69,6 +71,16 @@ def rgb_shards(tmp_path_factory) -> Path:
     classes, files = scan_imagefolder(src)
     write_shards(imagefolder_samples(src, files), base / "shards", "train", classes, 8, source="rgb fixture")
     return base / "shards"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 (``FSSPEC_S3_ENDPOINT_URL`` and test ``AWS_*`` credentials set
+    while it runs); stopped at the end of the session."""
+    from servers import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
 
 
 def pytest_collection_modifyitems(config, items):

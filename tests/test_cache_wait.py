@@ -74,8 +74,7 @@ def test_a_store_waits_for_its_tail_basis(tmp_path):
     from teacher.tail import TailModel
 
     path = tmp_path / "tailed.zarr"
-    writer = create_cache(path, shards=[(0, 8)], shard_size=8, num_samples=8, epochs=1, views=1, k=2,
-                          num_classes=10, attrs={}, tail_dim=3)
+    writer = create_cache(path, shards=[(0, 8)], epochs=1, views=1, k=2, num_classes=10, attrs={}, tail_dim=3)
     with pytest.raises(TimeoutError, match="tailed.zarr"):
         wait_for_cache(path, timeout=0.3, poll=0.1, log=None)
     logits = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)

@@ -55,8 +55,8 @@ def real_rows():
 def _write(path, logits: torch.Tensor, k: int, tail: TailModel | None):
     """One-item cache of these rows at top-k (learned tail when given); returns the reader."""
     n = len(logits)
-    w = create_cache(path, shards=[(0, n)], shard_size=n, num_samples=n, epochs=1, views=1, k=k, num_classes=C,
-                     attrs={"test": "fidelity"}, tail_dim=tail.dim if tail is not None else 0)
+    w = create_cache(path, shards=[(0, n)], epochs=1, views=1, k=k, num_classes=C, attrs={"test": "fidelity"},
+                     tail_dim=tail.dim if tail is not None else 0)
     if tail is not None:
         w.write_tail(tail)
     lp, idx = torch.log_softmax(logits.double(), -1).topk(k, dim=-1)

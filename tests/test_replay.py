@@ -88,7 +88,7 @@ def test_pixels_independent_of_workers_batch_interleave_sampler_process(rgb_shar
     cut = epoch_cut(SEED, 2, VIEWS)
     for view in range(VIEWS):
         for s in m.shards:
-            for it in replay_items(read_shard(m.url(s), s), s, CFG, SEED, 2, view, OUT, m.num_classes,
+            for it in replay_items(read_shard(m, s), s, CFG, SEED, 2, view, OUT, m.num_classes,
                                    shard_pairs(cut, view, s)):
                 h = hashlib.sha256(it.image.numpy().tobytes() + it.target.numpy().tobytes()).hexdigest()
                 direct[(2, it.sample_id, view)] = h
@@ -146,7 +146,7 @@ def test_corrupt_sample_is_reported(rgb_shards, tmp_path, num_workers):
     split = tmp_path / "train"
     shutil.copytree(rgb_shards / "train", split)
     m = load_manifest(split)
-    bad = read_shard(m.url(1), m.shards[1])[2]
+    bad = read_shard(m, m.shards[1])[2]
     _corrupt_member(Path(m.url(1)), bad.key)
     seen = []
     lds = loaders(split, batch_size=3, num_workers=num_workers, on_skip=seen.append)

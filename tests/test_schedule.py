@@ -13,12 +13,14 @@ from pipeline.shards import ShardInfo
 SEED = 5
 
 
-def shards(counts, size=None):
-    size = size or max(counts)
-    return [ShardInfo(f"s{i}", i, i * size, c, 0, "") for i, c in enumerate(counts)]
+def shards(counts):
+    """ShardInfos with contiguous ids (shard i starts after the counts of the shards before it)."""
+    firsts = [sum(counts[:i]) for i in range(len(counts))]
+    return [ShardInfo(f"s{i}", i, first, c, 0, "") for i, (first, c) in enumerate(zip(firsts, counts))]
 
 
-CASES = [([8, 8, 5], 8), ([7], 7), ([3, 3, 3, 3, 1], 3), ([64] * 5 + [17], 64)]
+# make_shards sizes (all full but the last) and sizes of shards indexed from other tools (any)
+CASES = [[8, 8, 5], [7], [3, 3, 3, 3, 1], [64] * 5 + [17], [5, 9, 2, 7], [1, 12, 4, 4, 11]]
 
 
 def rows_of(schedule, epoch, world_size=1):
@@ -30,12 +32,12 @@ def rows_of(schedule, epoch, world_size=1):
     return out
 
 
-@pytest.mark.parametrize("counts,size", CASES)
+@pytest.mark.parametrize("counts", CASES)
 @pytest.mark.parametrize("views", [1, 2, 3])
 @pytest.mark.parametrize("sampler", ["ra", "one_view"])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_every_row_once_per_pass_and_n_rows_per_epoch(counts, size, views, sampler, world_size):
-    sh = shards(counts, size)
+def test_every_row_once_per_pass_and_n_rows_per_epoch(counts, views, sampler, world_size):
+    sh = shards(counts)
     n, cached = sum(counts), 2
     sched = Schedule(sh, views, cached, SEED, sampler=sampler)
     seen = Counter()
@@ -57,10 +59,10 @@ def test_every_row_once_per_pass_and_n_rows_per_epoch(counts, size, views, sampl
     assert again == first and sched.source(cached * views).cycle == 1
 
 
-@pytest.mark.parametrize("counts,size", CASES)
-def test_caching_job_rows_match_student_units(counts, size):
+@pytest.mark.parametrize("counts", CASES)
+def test_caching_job_rows_match_student_units(counts):
     """shard_pairs (what the caching job scores) = the union of the students' units, partners included."""
-    sh, views = shards(counts, size), 3
+    sh, views = shards(counts), 3
     for sampler in ("ra", "one_view"):
         sched = Schedule(sh, views, 2, SEED, sampler=sampler)
         student = {(e, a, v, b) for t in range(2 * views) for rows in rows_of(sched, t, 2).values()
@@ -75,7 +77,7 @@ def test_parts_split_every_shard_evenly_and_pair_inside():
     paired inside a part; with V = 1 the pairing is plain plan.mix_pairs over the whole shard."""
     from pipeline.plan import mix_pairs
 
-    sh = shards([8, 8, 5], 8)
+    sh = shards([8, 8, 5])
     cut = epoch_cut(SEED, 0, 3)
     for s in sh:
         parts = [[m for v in range(3) for m in cut.members(s, j, v)] for j in range(3)]
@@ -93,14 +95,14 @@ def test_parts_split_every_shard_evenly_and_pair_inside():
 
 def test_every_student_epoch_sees_every_shard():
     """Class-sorted shards still give every class in every student epoch (a part of each shard)."""
-    sched = Schedule(shards([8] * 6, 8), 3, 2, SEED, sampler="ra")
+    sched = Schedule(shards([8] * 6), 3, 2, SEED, sampler="ra")
     for t in range(6):
         assert {u.shard for u in sched.units(t)} == set(range(6))
         assert all(sum(u.rows for u in sched.units(t) if u.shard == s) == 8 for s in range(6))
 
 
 def test_views_of_a_sample_go_to_different_ranks():
-    sh = shards([64] * 12, 64)
+    sh = shards([64] * 12)
     sched = Schedule(sh, 3, 1, SEED, sampler="ra")
     where: dict[int, set] = {}
     count: Counter = Counter()
@@ -115,11 +117,11 @@ def test_views_of_a_sample_go_to_different_ranks():
 
 
 def test_sources_and_needed_items():
-    sched = Schedule(shards([8, 8, 5], 8), 3, 4, SEED, sampler="ra")
+    sched = Schedule(shards([8, 8, 5]), 3, 4, SEED, sampler="ra")
     assert [(s.cache_epoch, s.part) for s in map(sched.source, range(7))] == \
         [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
     assert all(set(sched.needed_items(t)) == {(0, s) for s in range(3)} for t in range(3))
-    one = Schedule(shards([8, 8, 5], 8), 3, 4, SEED, sampler="one_view")
+    one = Schedule(shards([8, 8, 5]), 3, 4, SEED, sampler="one_view")
     assert [(s.cache_epoch, s.view) for s in map(one.source, range(4))] == [(0, 0), (0, 1), (0, 2), (1, 0)]
     assert len(one.needed_items(0)) == 3
     with pytest.raises(ValueError, match="sampler"):
@@ -127,7 +129,7 @@ def test_sources_and_needed_items():
 
 
 def test_deal_to_workers_keeps_shards_together_and_balances_rows():
-    sched = Schedule(shards([64] * 10 + [5], 64), 3, 1, SEED)
+    sched = Schedule(shards([64] * 10 + [5]), 3, 1, SEED)
     units = sched.rank_units(0, 0, 1)
     lists = deal_to_workers(units, 3)
     assert Counter(u for lst in lists for u in lst) == Counter(units)
@@ -141,7 +143,7 @@ def test_deal_to_workers_keeps_shards_together_and_balances_rows():
 
 def test_imagenet_sized_schedule_is_exact_and_cheap():
     counts = [1000] * 1281 + [167]
-    sched = Schedule(shards(counts, 1000), 3, 100, 0)
+    sched = Schedule(shards(counts), 3, 100, 0)
     start = time.perf_counter()
     assert [sched.rows(t) for t in range(3)] == [1_281_167] * 3
     rank_rows = sched.rank_rows(0, 8)

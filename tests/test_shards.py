@@ -91,20 +91,20 @@ def test_tampered_and_truncated_shard(tmp_path, make_imagefolder):
     with pytest.raises(ShardError, match="train-000001.tar.*sha256"):
         verify_manifest(m)
     with pytest.raises(ShardError, match="train-000001.tar"):
-        read_shard(str(path), target, verify=True)
+        read_shard(m, target, verify=True)
 
     path.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(ShardError, match="train-000001.tar.*size"):
         verify_manifest(m)
     with pytest.raises(ShardError, match="train-000001.tar"):
-        read_shard(str(path), target)
+        read_shard(m, target)
     # cut at a member boundary: tarfile sees a clean end, the count check must catch it
     path.write_bytes(bytes(data[: 512 * 3]))
     with pytest.raises(ShardError, match="train-000001.tar"):
-        read_shard(str(path), target)
+        read_shard(m, target)
     path.unlink()
     with pytest.raises(ShardError, match="train-000001.tar.*missing"):
-        read_shard(str(path), target)
+        read_shard(m, target)
 
 
 def test_wrong_sid_is_reported(tmp_path, make_imagefolder):
@@ -113,7 +113,7 @@ def test_wrong_sid_is_reported(tmp_path, make_imagefolder):
     m = load_manifest(tmp_path / "o" / "train")
     shifted = ShardInfo(**{**m.shards[1].__dict__, "first_id": 6})
     with pytest.raises(ShardError, match=r"train-000001.tar key dog_1: sid 5 at position 0"):
-        read_shard(m.url(1), shifted)
+        read_shard(m, shifted)
 
 
 def test_corrupt_image_error_and_skip_bad(tmp_path, make_imagefolder):
@@ -141,7 +141,7 @@ def test_corrupt_image_error_and_skip_bad(tmp_path, make_imagefolder):
 
 def test_decode_image_names_shard_and_key(rgb_shards):
     m = load_manifest(rgb_shards / "train")
-    raw = read_shard(m.url(0), m.shards[0])[3]
+    raw = read_shard(m, m.shards[0])[3]
     raw.data = raw.data[:40]
     with pytest.raises(SampleError, match=f"shard train-000000.tar key {raw.key}") as info:
         decode_image(raw)
@@ -155,7 +155,21 @@ def test_manifest_helpers(rgb_shards):
     with pytest.raises(IndexError):
         m.shard_of(21)
     d = json.loads((rgb_shards / "train" / "manifest.json").read_text())
-    assert d["version"] == 2 and d["skipped"] == [] and d["source"] == "rgb fixture"
+    assert d["version"] == 3 and d["skipped"] == [] and d["source"] == "rgb fixture"
+
+
+def test_manifest_ids_must_be_contiguous(rgb_shards, tmp_path):
+    """Shards may hold any counts, but ids follow shard order without gaps; a manifest that says
+    otherwise is refused naming the shard."""
+    d = json.loads((rgb_shards / "train" / "manifest.json").read_text())
+    for change, message in (({"first_id": 9}, "shard train-000001.tar: first_id/count 9/8, expected first_id 8"),
+                            ({"count": 0}, "shard train-000001.tar: first_id/count 8/0.*count in \\[1, 8\\]")):
+        bad = json.loads(json.dumps(d))
+        bad["shards"][1].update(change)
+        (tmp_path / "m").mkdir(exist_ok=True)
+        (tmp_path / "m" / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ShardError, match=message):
+            load_manifest(tmp_path / "m")
 
 
 def test_fmnist_slice_matches_idx(fmnist_shards):

@@ -11,22 +11,20 @@ import pytest
 from storage import CacheMismatchError, CacheNotReady, create_cache, open_cache
 from storage import encoding
 
-SHARD_SIZE = 8
 SHARDS = [(0, 8), (8, 8), (16, 5)]  # last shard short
 N, EPOCHS, VIEWS, K, C = 21, 2, 2, 4, 1000
 ATTRS = {"teacher": "regnety_160", "fingerprint": "f" * 64, "manifest_sha256": "m" * 64, "seed": 0, "k": K}
 
 
 def _create(path, **changes):
-    kw = dict(shards=SHARDS, shard_size=SHARD_SIZE, num_samples=N, epochs=EPOCHS, views=VIEWS, k=K,
-              num_classes=C, attrs=ATTRS)
+    kw = dict(shards=SHARDS, epochs=EPOCHS, views=VIEWS, k=K, num_classes=C, attrs=ATTRS)
     kw.update(changes)
     return create_cache(path, **kw)
 
 
-def _item(epoch, shard, seed=0):
+def _item(epoch, shard, seed=0, shards=SHARDS):
     """All rows of one item with realistic sorted log-probs and distinct indices."""
-    first, count = SHARDS[shard]
+    first, count = shards[shard]
     rng = np.random.default_rng([seed, epoch, shard])
     ids = np.repeat(np.arange(first, first + count), VIEWS)
     views = np.tile(np.arange(VIEWS), count)
@@ -72,7 +70,7 @@ def test_round_trip_within_quantization(tmp_path):
             assert got_lp.dtype == np.float32 and got_idx.dtype == np.int64 and valid.all()
             _assert_same_topk(got_lp, got_idx, lp[order], idx[order])
     assert r.bytes_on_disk() > r.bytes_on_disk(metadata=False) > 0
-    assert r.attrs["teacher"] == "regnety_160" and r.attrs["format_version"] == 3
+    assert r.attrs["teacher"] == "regnety_160" and r.attrs["format_version"] == 4
 
 
 def test_done_marker_written_after_data(tmp_path, monkeypatch):
@@ -174,29 +172,30 @@ def test_write_item_rejects_bad_rows(tmp_path):
     assert not w.is_done(0, 0)
 
 
-def _proc_write(path, epoch, shard, start_evt):
-    w = open_writer(path)
+def _proc_write(path, epoch, shard, start_evt, shards=SHARDS):
+    w = _create(path, shards=shards)
     start_evt.wait()
-    w.write_item(epoch, shard, *_item(epoch, shard))
+    w.write_item(epoch, shard, *_item(epoch, shard, shards=shards))
 
 
-def open_writer(path):
-    return _create(path)
-
-
-def test_concurrent_items_from_two_processes_equal_sequential(tmp_path):
-    par, seq = tmp_path / "par.zarr", tmp_path / "seq.zarr"
-    _create(par)
+def _write_at_once(path, items, shards=SHARDS) -> None:
+    """Write ``items`` from one process each, released together."""
     ctx = mp.get_context("spawn")
     evt = ctx.Event()
-    items = [(0, 0), (0, 1)]  # adjacent items: neighbouring chunks of the same arrays
-    procs = [ctx.Process(target=_proc_write, args=(str(par), e, s, evt)) for e, s in items]
+    procs = [ctx.Process(target=_proc_write, args=(str(path), e, s, evt, shards)) for e, s in items]
     for p in procs:
         p.start()
     evt.set()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+
+
+def test_concurrent_items_from_two_processes_equal_sequential(tmp_path):
+    par, seq = tmp_path / "par.zarr", tmp_path / "seq.zarr"
+    _create(par)
+    items = [(0, 0), (0, 1)]  # adjacent items: neighbouring chunks of the same arrays
+    _write_at_once(par, items)
     w = _create(seq)
     for e, s in items:
         w.write_item(e, s, *_item(e, s))
@@ -208,6 +207,39 @@ def test_concurrent_items_from_two_processes_equal_sequential(tmp_path):
         np.testing.assert_array_equal(x, y)
     for name in ("prob", "index", "tail_mass", "valid"):
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
+
+
+VARIABLE_SHARDS = [(0, 5), (5, 9), (14, 2), (16, 7)]  # shards written by another tool: any sizes
+
+
+def test_variable_shard_counts_one_chunk_per_item_and_concurrent_writers(tmp_path):
+    """With shards of different sizes every item still owns exactly one chunk per array (its
+    slot of the largest count): two processes writing adjacent items lose nothing, each item's
+    rows come back by sample id, and the padding rows of a slot are never valid."""
+    par, seq = tmp_path / "par.zarr", tmp_path / "seq.zarr"
+    w = _create(par, shards=VARIABLE_SHARDS)
+    assert w.slot == 9 and w.num_samples == 23
+    _write_at_once(par, [(1, 1), (1, 2), (1, 3)], VARIABLE_SHARDS)  # adjacent slots, written at once
+    w.write_item(1, 0, *_item(1, 0, shards=VARIABLE_SHARDS))
+    ws = _create(seq, shards=VARIABLE_SHARDS)
+    for s in range(len(VARIABLE_SHARDS)):
+        ws.write_item(1, s, *_item(1, s, shards=VARIABLE_SHARDS))
+    for name in ("prob", "index", "tail_mass", "valid"):
+        np.testing.assert_array_equal(w.group[name][:], ws.group[name][:])
+        chunks = sorted(p.relative_to(par / name / "c").as_posix() for p in (par / name / "c").rglob("*")
+                        if p.is_file())
+        assert chunks == [f"1/{s}/0" + "/0" * (name in ("prob", "index")) for s in range(4)], (name, chunks)
+    r = open_cache(par)
+    ids = np.concatenate([_item(1, s, shards=VARIABLE_SHARDS)[0] for s in range(4)])
+    views = np.concatenate([_item(1, s, shards=VARIABLE_SHARDS)[1] for s in range(4)])
+    order = np.random.default_rng(0).permutation(len(ids))
+    lp, idx, valid = r.lookup(1, ids[order], views[order])
+    assert valid.all() and len(ids) == 23 * VIEWS
+    _assert_same_topk(lp, idx, *[np.concatenate([_item(1, s, shards=VARIABLE_SHARDS)[i] for s in range(4)])[order]
+                                 for i in (2, 3)])
+    assert int(r.group["valid"][1].sum()) == 23 * VIEWS  # 4 slots x 9 rows, 13 of them padding
+    with pytest.raises(ValueError, match="shard 2: first_id 15"):
+        _create(tmp_path / "bad.zarr", shards=[(0, 5), (5, 9), (15, 2)])
 
 
 def test_fsspec_memory_store():
@@ -283,11 +315,11 @@ def test_old_format_refused_naming_the_field(tmp_path):
     import zarr
 
     group = zarr.open_group(str(path), mode="a")
-    group.attrs.update({"format_version": 2})
-    with pytest.raises(CacheMismatchError, match=r"field format_version: expected 3, found 2 \(a cache written by "
+    group.attrs.update({"format_version": 3})  # format 3: rows at sample_id, no slots
+    with pytest.raises(CacheMismatchError, match=r"field format_version: expected 4, found 3 \(a cache written by "
                                                  r"another kdcache version; re-create it"):
         open_cache(path)
-    with pytest.raises(CacheMismatchError, match=r"field format_version: expected 3 \(this run\), found 2 \(in the cache\)"):
+    with pytest.raises(CacheMismatchError, match=r"field format_version: expected 4 \(this run\), found 3 \(in the cache\)"):
         _create(path)
 
 
