@@ -1,7 +1,7 @@
 """The kdcache end-to-end demo on Fashion-MNIST (CPU-sized), DeiT Tables 3 and 4 in miniature.
 
     bash scripts/demo.sh            # full: ~19 min on 2 CPU cores   (configs/demo/full.yaml)
-    bash scripts/demo.sh --quick    # flow check: ~2.5 min (up to ~8 min on a busy machine)
+    bash scripts/demo.sh --quick    # flow check: ~2 min (up to ~5 min on a busy machine)
     python scripts/demo.py --config configs/demo/full.yaml [--out runs/demo] [key=value ...]
 
 Steps (each a CLI of the project, run as a subprocess with its log under OUT/logs/):

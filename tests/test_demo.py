@@ -54,7 +54,7 @@ def test_quick_demo(quick_demo):
     results = json.loads((out / "results.json").read_text())
     for key in KEYS:
         assert 0.0 <= results["top1"][key] <= 100.0, key
-    # even two epochs on 1.5k images beat chance (10 classes) for the teacher
+    # even three epochs on 600 images beat chance (10 classes) for the teacher (35.5 % when written)
     assert results["top1"]["teacher"] > 20.0
     assert results["demo_seconds"] > 0
     # the teacher weights exported for the cache load through teacher/model.py and score the same
@@ -85,7 +85,7 @@ def test_quick_demo(quick_demo):
 
     # the console shows every stage's progress while it runs, then the next commands
     console = proc.stdout
-    for line in ("[demo]   teacher: epoch 1/2: loss", "[demo]   cache: cache ", "items done",
+    for line in ("[demo]   teacher: epoch 1/3: loss", "[demo]   cache: cache ", "items done",
                  "[demo]   student-hard_token-s0: epoch 2/2: loss", "[demo] next steps",
                  f"cache.path={out / 'cache.zarr'}"):
         assert line in console, (line, console[-3000:])
