@@ -180,6 +180,7 @@ class _Tally:
     images: int = 0
     retries: int = 0
     startup: float = 0.0
+    calibration: float = 0.0
     skipped: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     results: list = field(default_factory=list)
@@ -233,9 +234,10 @@ def _run_items(cfg: CacheJobConfig, attrs: dict, todo: list, fault_marker: str |
         ray.get([a.pid.remote() for a in slots.actors])
     except ray.exceptions.RayActorError as err:
         raise CacheJobError(f"{cfg.out}: could not start a teacher actor: {err}") from None
-    # the tail basis is global: one actor fits it before any item is handed out
-    ray.get(slots.actors[0].calibrate.remote())
     tally.startup = time.perf_counter() - t0
+    # the tail basis is global: one actor fits it before any item is handed out (once per cache)
+    ray.get(slots.actors[0].calibrate.remote())
+    tally.calibration = time.perf_counter() - t0 - tally.startup
     attempts: dict[tuple[int, int], int] = {}
     for slot in range(len(slots.actors)):
         slots.submit(slot)
@@ -309,7 +311,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     seconds = time.perf_counter() - t0
     failed = tally.failed
     summary = _summarize(cfg, manifest, done_before, todo, tally.results, tally.images, seconds,
-                         tally.retries, tally.skipped, failed, tally.startup)
+                         tally.retries, tally.skipped, failed, tally.startup, tally.calibration)
     summary["summary_path"] = write_summary(cfg, summary)
     if failed:
         lines = "\n".join(f"  epoch {f['epoch']} shard {f['shard']}: {f['error']}" for f in failed)
@@ -319,7 +321,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
 
 
 def _summarize(cfg, manifest, done_before, todo, results, images, seconds, retries,
-               skipped, failed, startup: float = 0.0) -> dict:
+               skipped, failed, startup: float = 0.0, calibration: float = 0.0) -> dict:
     from storage import open_cache
 
     reader = open_cache(cfg.out)
@@ -337,9 +339,12 @@ def _summarize(cfg, manifest, done_before, todo, results, images, seconds, retri
         "images": images,
         "seconds": round(seconds, 3),
         "images_per_s": round(images / seconds, 2) if seconds > 0 else 0.0,
-        # actor start-up (process spawn, imports, teacher build) vs the steady rate after it
+        # actor start-up (process spawn, imports, teacher build) and the tail calibration (once per
+        # cache) vs the steady rate after them
         "startup_seconds": round(startup, 3),
-        "steady_images_per_s": round(images / (seconds - startup), 2) if seconds > startup else 0.0,
+        "calibration_seconds": round(calibration, 3),
+        "steady_images_per_s": (round(images / (seconds - startup - calibration), 2)
+                                if seconds > startup + calibration else 0.0),
         "rows": rows,
         "bytes_on_disk": total_bytes,
         "bytes_per_row": round(total_bytes / rows, 3) if rows else 0.0,

@@ -64,9 +64,52 @@ class Scored:
     wait_seconds: float     # time the teacher waited for replayed batches
 
 
+class RowEncoder:
+    """Encodes each scored batch for storage (``CacheWriter.encode``, and the fidelity record of the
+    item's first rows) on a background thread while the teacher scores the next batch, so the
+    write at the item's end is only the chunk writes: the teacher idles less between items.
+    Batches are encoded row for row as given, so the stored values are those of encoding the
+    whole item at once."""
+
+    def __init__(self, writer):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from storage.cache import FIDELITY_ROWS
+
+        self.writer, self.need = writer, FIDELITY_ROWS
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdcache-encode")
+        self._parts: list = []
+        self._first: list[np.ndarray] = []
+        self._fidelity = None
+
+    def add(self, logprobs: np.ndarray, indices: np.ndarray, logits: np.ndarray) -> None:
+        self._parts.append(self._pool.submit(self.writer.encode, logprobs, indices, logits))
+        if self._fidelity is None and self.need > 0:
+            self._first.append(logits[:self.need])
+            self.need -= len(self._first[-1])
+            if self.need == 0:
+                self._fidelity = self._pool.submit(self.writer.fidelity, np.concatenate(self._first))
+
+    def result(self):
+        """(EncodedRows of every row added, fidelity record): ``write_item``'s ``encoded``."""
+        from storage.cache import EncodedRows
+
+        if self._fidelity is None and self._first:  # fewer rows than FIDELITY_ROWS in the item
+            self._fidelity = self._pool.submit(self.writer.fidelity, np.concatenate(self._first))
+        parts = [f.result() for f in self._parts]
+        if not parts:
+            return self.writer.encode(np.zeros((0, self.writer.k), np.float32), np.zeros((0, self.writer.k), np.int64),
+                                      np.zeros((0, self.writer.num_classes), np.float32)), None
+        return EncodedRows.concat(parts), (self._fidelity.result() if self._fidelity is not None else None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def score_item(feed: ItemFeed, teacher, epoch: int, shard_index: int, prefetch: tuple[int, int] | None = None,
-               fault_marker: str | None = None) -> Scored:
-    """Score every row of (epoch, shard) from ``feed``; start replaying ``prefetch`` meanwhile.
+               fault_marker: str | None = None, encoder: RowEncoder | None = None) -> Scored:
+    """Score every row of (epoch, shard) from ``feed``; start replaying ``prefetch`` meanwhile;
+    hand each batch's rows to ``encoder`` (if given) as they come.
 
     Raises ShardError naming the shard for a missing/truncated tar.
     """
@@ -87,6 +130,8 @@ def score_item(feed: ItemFeed, teacher, epoch: int, shard_index: int, prefetch: 
             logprobs.append(out.logprobs.float().cpu().numpy())
             indices.append(out.indices.cpu().numpy())
             logits.append(out.logits.cpu().numpy())
+            if encoder is not None:
+                encoder.add(logprobs[-1], indices[-1], logits[-1])
             feed.release(batch)  # after .cpu(): a non_blocking copy from it has completed
             _maybe_die(fault_marker)
             waited = time.perf_counter()
@@ -134,16 +179,19 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
     if not 0 <= epoch < cfg.epochs:
         raise IndexError(f"{cfg.out}: epoch {epoch} not in [0, {cfg.epochs})")
     teacher = teacher if teacher is not None else make_teacher(cfg, "cpu")
-    own_feed = feed is None
+    own_feed, encoder = feed is None, None
     if own_feed:
         feed = ItemFeed(cfg, manifest, teacher.cfg.input_size, pin=pin_memory(teacher.device))
     try:
         writer = writer if writer is not None else open_writer(cfg, manifest, cache_attrs(cfg, manifest))
         calibrate_tail(cfg, manifest, teacher, writer)  # no-op once the cache holds its tail basis
-        scored = score_item(feed, teacher, epoch, shard_index, prefetch, fault_marker)
+        encoder = RowEncoder(writer)
+        scored = score_item(feed, teacher, epoch, shard_index, prefetch, fault_marker, encoder)
         writer.write_item(epoch, shard_index, scored.sample_id, scored.view, scored.logprobs, scored.indices,
-                          missing=scored.skipped, logits=scored.logits)
+                          missing=scored.skipped, logits=scored.logits, encoded=encoder.result)
     finally:
+        if encoder is not None:
+            encoder.close()
         if own_feed:
             feed.close()
     return ItemResult(epoch=epoch, shard_index=shard_index, shard=manifest.shards[shard_index].name,

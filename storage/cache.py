@@ -50,12 +50,26 @@ from storage import encoding
 
 FORMAT_VERSION = 4
 LAYOUT_KEY = "kdcache_layout"
-FIDELITY_ROWS = 256  # rows per item whose fidelity the writer records (the first ones): ~0.4 s of CPU per item
+FIDELITY_ROWS = 256  # rows per item whose fidelity the writer records (the first ones): ~0.15 s of CPU per item
 ROW_ARRAYS = ("prob", "index", "tail_mass", "tail_code", "valid", "done")  # per-row; the tail basis is per cache
 
 
 class CacheMismatchError(ValueError):
     """An existing cache differs from what the caller expects; the message names the field."""
+
+
+class EncodedRows(NamedTuple):
+    """Rows in stored form (:meth:`CacheWriter.encode`), row for row as given."""
+
+    codes: np.ndarray            # [n, k] uint16 probability codes, ascending class order
+    gaps: np.ndarray             # [n, k] uint16 class-index gaps
+    log_tail: np.ndarray         # [n] log tail mass
+    tail_codes: np.ndarray | None  # [n, D] int8 learned-tail codes, or None
+
+    @staticmethod
+    def concat(parts: Sequence["EncodedRows"]) -> "EncodedRows":
+        return EncodedRows(*(None if parts[0][i] is None else np.concatenate([p[i] for p in parts])
+                             for i in range(4)))
 
 
 class CacheNotReady(RuntimeError):
@@ -304,7 +318,7 @@ class CacheWriter(_CacheBase):
 
     def write_item(self, epoch: int, shard_index: int, sample_ids: np.ndarray, views: np.ndarray,
                    logprobs: np.ndarray, indices: np.ndarray, missing: Iterable[dict] = (),
-                   logits: np.ndarray | None = None) -> None:
+                   logits: np.ndarray | None = None, encoded: Callable[[], tuple] | None = None) -> None:
         """Write every row of one (epoch, shard) item, then its done marker LAST.
 
         Args:
@@ -316,6 +330,11 @@ class CacheWriter(_CacheBase):
             logits: [n, C] full teacher logits. They give the exact tail mass, the tail codes
                 (required with a learned tail) and the item's fidelity record; without them the
                 tail mass is ``1 - Σ exp(logprobs)`` and no fidelity is recorded.
+            encoded: the rows already encoded, so that the caller can do it while its teacher
+                scores (``pipeline.work``): a callable returning (:class:`EncodedRows` of these
+                rows in this order, the fidelity record of the first ``FIDELITY_ROWS`` rows or
+                None), exactly what :meth:`encode` and :meth:`fidelity` give. Called after
+                the checks; without it the rows are encoded here.
         """
         self._check_item(epoch, shard_index)
         first, count = self.shards[shard_index]
@@ -347,11 +366,14 @@ class CacheWriter(_CacheBase):
         if len(np.unique(flat)) != n:
             raise ValueError(f"{where}: duplicate (sample_id, view) rows")
         try:
-            codes, gaps = encoding.encode_rows(logprobs, indices, self.num_classes)
+            if encoded is not None:
+                rows_out, fidelity = encoded()
+            else:
+                rows_out, fidelity = self.encode(logprobs, indices, logits), self.fidelity(logits)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        codes, gaps, log_tail, tail_codes = rows_out
         tail = self.tail_model()
-        log_tail, tail_codes, fidelity = self._tail_fields(logprobs, indices, logits, tail)
 
         slot, lo = self.slot, shard_index * self.slot
         prob = np.zeros((slot, self.views, self.k), np.uint16)
@@ -378,21 +400,35 @@ class CacheWriter(_CacheBase):
         self._done[epoch, shard_index] = json.dumps(record, sort_keys=True)
         self._done_known.add((epoch, shard_index))
 
-    def _tail_fields(self, logprobs: np.ndarray, indices: np.ndarray, logits: np.ndarray | None, tail
-                     ) -> tuple[np.ndarray, np.ndarray | None, dict | None]:
-        """(log tail mass [n], tail codes [n, D] or None, fidelity record or None) of an item's rows."""
+    def encode(self, logprobs: np.ndarray, indices: np.ndarray, logits: np.ndarray | None = None) -> EncodedRows:
+        """Rows in stored form, row by row (any rows of an item, any batch of them): top-k codes and
+        gaps, the log tail mass (exact from ``logits``, else ``1 - Σ exp(logprobs)``) and, with a
+        learned tail, its codes. Raises ValueError on a bad class index or missing logits."""
+        codes, gaps = encoding.encode_rows(logprobs, indices, self.num_classes)
+        tail = self.tail_model()
         if logits is None:
-            mass = 1.0 - np.exp(logprobs.astype(np.float64)).sum(axis=1)
-            return np.log(np.maximum(mass, 0.0)), None, None
+            if self.tail_dim:
+                raise ValueError(f"field logits: the cache codes a learned tail (tail_dim {self.tail_dim}), "
+                                 f"which needs the full logits")
+            mass = 1.0 - np.exp(np.asarray(logprobs, np.float64)).sum(axis=1)
+            return EncodedRows(codes, gaps, np.log(np.maximum(mass, 0.0)), None)
+        import torch
+
+        z = torch.from_numpy(np.asarray(logits, np.float32))
+        full = torch.log_softmax(z.double(), dim=-1)
+        top = torch.from_numpy(np.asarray(indices).astype(np.int64))
+        log_tail = torch.logsumexp(full.scatter(1, top, -torch.inf), dim=-1).numpy()
+        return EncodedRows(codes, gaps, log_tail, tail.encode(z).numpy() if tail is not None else None)
+
+    def fidelity(self, logits: np.ndarray | None) -> dict | None:
+        """The fidelity record of an item whose first rows have these full logits (the first
+        ``FIDELITY_ROWS`` are used; None without logits)."""
+        if logits is None or not len(logits):
+            return None
         import torch
 
         from teacher.fidelity import KS, fidelity_sums
         from teacher.targets import TeacherTargets
-
-        z = torch.from_numpy(np.asarray(logits, np.float32))
-        full = torch.log_softmax(z.double(), dim=-1)
-        log_tail = torch.logsumexp(full.scatter(1, torch.from_numpy(indices.astype(np.int64)), -torch.inf), dim=-1)
-        codes = tail.encode(z).numpy() if tail is not None else None
 
         def stored(t: TeacherTargets) -> TeacherTargets:
             if t.log_tail is None:  # k = C: no tail
@@ -403,9 +439,8 @@ class CacheWriter(_CacheBase):
                                               self.num_classes)
             return TeacherTargets(torch.from_numpy(lp), torch.from_numpy(idx), torch.from_numpy(lt), t.tail_shape)
 
-        sample = z[:FIDELITY_ROWS]
-        fidelity = fidelity_sums(sample, KS + (self.k,), tail=tail, stored=stored) if len(sample) else None
-        return log_tail.numpy(), codes, fidelity
+        sample = torch.from_numpy(np.asarray(logits[:FIDELITY_ROWS], np.float32))
+        return fidelity_sums(sample, KS + (self.k,), tail=self.tail_model(), stored=stored)
 
 
 def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], epochs: int, views: int, k: int,

@@ -367,3 +367,38 @@ def test_learned_tail_round_trips_and_is_reused_on_resume(tmp_path):
     assert fid["rows"] == len(ids) + 2 * SHARDS[2][1] and K in fid["ks"] and fid["taus"] == [1.0, 2.0, 3.0, 4.0]
     with pytest.raises(CacheMismatchError, match=r"field tail_dim: expected 8 \(this run\), found 16 \(in the cache\)"):
         _create(path, tail_dim=8)
+
+
+@pytest.mark.parametrize("fidelity_rows", [5, 256])  # the record's rows reached mid-item / never
+def test_rows_encoded_while_scoring_store_what_write_item_encodes(tmp_path, monkeypatch, fidelity_rows):
+    """pipeline.work.RowEncoder encodes batch by batch on a thread while the teacher scores; the
+    stored bytes (every row array and the done record with its fidelity) are those of write_item
+    encoding the whole item itself."""
+    import zarr
+
+    import storage.cache
+    from pipeline.work import RowEncoder
+    from storage.cache import ROW_ARRAYS
+    from teacher.tail import TailModel
+
+    monkeypatch.setattr(storage.cache, "FIDELITY_ROWS", fidelity_rows)
+    tail = TailModel.fit(np.concatenate([_logit_item(1, s, seed=9)[4] for s in range(3)]), dim=16, step=1.0)
+    writers = {}
+    for way in ("whole", "batches"):
+        writers[way] = _create(tmp_path / f"{way}.zarr", tail_dim=16)
+        writers[way].write_tail(tail)
+    for shard in range(len(SHARDS)):
+        ids, views, lp, idx, logits = _logit_item(0, shard)
+        writers["whole"].write_item(0, shard, ids, views, lp, idx, logits=logits)
+        encoder = RowEncoder(writers["batches"])
+        try:
+            for lo in range(0, len(ids), 3):  # teacher batches of 3 rows
+                encoder.add(lp[lo:lo + 3], idx[lo:lo + 3], logits[lo:lo + 3])
+            writers["batches"].write_item(0, shard, ids, views, lp, idx, logits=logits, encoded=encoder.result)
+        finally:
+            encoder.close()
+    whole, batches = (zarr.open_group(str(tmp_path / f"{way}.zarr"), mode="r") for way in ("whole", "batches"))
+    for name in ROW_ARRAYS:
+        np.testing.assert_array_equal(batches[name][:], whole[name][:], err_msg=name)
+    assert open_cache(tmp_path / "batches.zarr").fidelity()["rows"] == min(fidelity_rows, SHARDS[0][1] * VIEWS) \
+        + min(fidelity_rows, SHARDS[1][1] * VIEWS) + min(fidelity_rows, SHARDS[2][1] * VIEWS)
