@@ -389,6 +389,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def render_markdown(results: dict) -> str:
     """results.md: Table 3, Table 4, cache/audit, cost, timings."""
+    from storage import encoding
+
     cfg = results["config"]
     demo = DemoConfig.from_dict(cfg)
     parts = [f"# kdcache demo: Fashion-MNIST, {cfg['limit_train']} train / {cfg['limit_val']} val images, 32 px, CPU",
@@ -408,8 +410,9 @@ def render_markdown(results: dict) -> str:
               f"- rows {c.get('rows', '?')}, {c.get('bytes_per_row', '?')} bytes/row, "
               f"{c.get('images_per_s', '?')} img/s scored, job wall {results['timings']['cache']:.0f} s",
               f"- audit: top-1 agreement {min(agree):.2f}% (min over epochs), max |Δp| "
-              f"{max(r['max_abs_dp'] for r in a.values()):.2e} (encoding bound 1.5/255 = 5.9e-3), "
-              f"max |Δ log-prob| {max(r['max_abs_dlogprob'] for r in a.values()):.2e} (large only where p is tiny)",
+              f"{max(r['max_abs_dp'] for r in a.values()):.2e} (encoding bound {encoding.max_abs_dp():.2e}), "
+              f"max |Δ log-prob| {max(r['max_abs_dlogprob'] for r in a.values()):.2e} "
+              f"(bound {encoding.max_abs_dlogprob():.2e}, reached only where p is tiny)",
               f"- teacher re-evaluated through teacher/model.py: {results['teacher_eval_top1']:.2f}%"]
     k = results["cost"]
     be = k["break_even_students"]
