@@ -14,8 +14,11 @@ At 224 px the forward dominates on CPU, as RegNetY-16GF's does on a GPU.
   of its own — as on a GPU node, where decoding runs on CPU cores beside the GPU. The question
   measured is whether reading, replaying and writing hide behind the forward.
 * ``reader_rows_per_s``: ``CacheReader.lookup`` of random batches of 256 rows (one epoch).
-* ``ray_2_over_1``: steady images/s (after actor start-up) of the same Ray job with 2 vs 1
-  CPU actor (fresh caches); the rates including start-up are reported beside it.
+* ``ray_2_over_1``: steady images/s (after actor start-up and the tail calibration) of the same
+  Ray job with 2 vs 1 CPU actor (fresh caches); the rates including both are reported beside it.
+* ``calibration_seconds``: the learned tail's calibration (the teacher's full logits of the first
+  ``tail.calibration_rows`` rows, then the fit), paid once per cache before any item; it is
+  timed apart from the item rate.
 * ``bytes_per_sample_epoch_k10``: from bench/storage.py (real EfficientNet-Lite0 top-10 rows,
   read from bench/results/storage.json; run bench/storage.py first).
 """
@@ -69,6 +72,7 @@ def bench_item_vs_forward(cfg) -> dict:
     import torch
 
     from pipeline.cache import cache_attrs, make_teacher, open_writer
+    from pipeline.calibrate import calibrate_tail
     from pipeline.shards import load_manifest
     from pipeline.work import run_item
 
@@ -89,12 +93,18 @@ def bench_item_vs_forward(cfg) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     forward = n_batches * cfg.batch_size / (time.perf_counter() - t0)
+    # the tail basis is fitted once per cache, before any item (the Ray job does it on one actor):
+    # timed apart, so the item rate is what every later item costs
+    t0 = time.perf_counter()
+    calibrate_tail(cfg, m, teacher, writer)
+    calibration = time.perf_counter() - t0
     t0 = time.perf_counter()
     images = sum(run_item(cfg, 0, s, teacher=teacher, writer=writer, manifest=m).images
                  for s in range(len(m.shards)))
     caching = images / (time.perf_counter() - t0)
     return {"device": device, "batch_size": cfg.batch_size, "forward_images_per_s": forward,
-            "caching_images_per_s": caching, "cache_over_forward": caching / forward}
+            "caching_images_per_s": caching, "cache_over_forward": caching / forward,
+            "calibration_seconds": calibration, "calibration_rows": min(cfg.tail.calibration_rows, m.num_samples)}
 
 
 def bench_reader(cache: str, batch: int = 256, seconds: float = 3.0) -> float:
@@ -131,7 +141,8 @@ def bench_ray(shards: str, ckpt: str, work: Path) -> dict:
             "ray_1_images_per_s_with_startup": one["images_per_s"],
             "ray_2_images_per_s_with_startup": two["images_per_s"],
             "ray_2_over_1_with_startup": two["images_per_s"] / one["images_per_s"],
-            "actor_startup_seconds": [one["startup_seconds"], two["startup_seconds"]]}
+            "actor_startup_seconds": [one["startup_seconds"], two["startup_seconds"]],
+            "ray_calibration_seconds": [one["calibration_seconds"], two["calibration_seconds"]]}
 
 
 def bytes_per_row_k10() -> tuple[float | None, str]:
