@@ -350,8 +350,7 @@ class CacheWriter(_CacheBase):
         if logits is not None and np.shape(logits) != (n, self.num_classes):
             raise ValueError(f"{where}: field logits: expected [{n}, {self.num_classes}], found {list(np.shape(logits))}")
         if logits is None and self.tail_dim:
-            raise ValueError(f"{where}: field logits: the cache codes a learned tail (tail_dim {self.tail_dim}), "
-                             f"which needs the full logits")
+            raise ValueError(f"{where}: {self._logits_needed()}")
         rows = sample_ids - first
         if n and (rows.min() < 0 or rows.max() >= count):
             bad = sample_ids[(rows < 0) | (rows >= count)][0]
@@ -400,6 +399,9 @@ class CacheWriter(_CacheBase):
         self._done[epoch, shard_index] = json.dumps(record, sort_keys=True)
         self._done_known.add((epoch, shard_index))
 
+    def _logits_needed(self) -> str:
+        return f"field logits: the cache codes a learned tail (tail_dim {self.tail_dim}), which needs the full logits"
+
     def encode(self, logprobs: np.ndarray, indices: np.ndarray, logits: np.ndarray | None = None) -> EncodedRows:
         """Rows in stored form, row by row (any rows of an item, any batch of them): top-k codes and
         gaps, the log tail mass (exact from ``logits``, else ``1 - Σ exp(logprobs)``) and, with a
@@ -408,8 +410,7 @@ class CacheWriter(_CacheBase):
         tail = self.tail_model()
         if logits is None:
             if self.tail_dim:
-                raise ValueError(f"field logits: the cache codes a learned tail (tail_dim {self.tail_dim}), "
-                                 f"which needs the full logits")
+                raise ValueError(self._logits_needed())
             mass = 1.0 - np.exp(np.asarray(logprobs, np.float64)).sum(axis=1)
             return EncodedRows(codes, gaps, np.log(np.maximum(mass, 0.0)), None)
         import torch
