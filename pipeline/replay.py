@@ -164,6 +164,49 @@ def replay_items(
                 made.pop(sid, None)
 
 
+def replay_row(by_id: dict[int, RawSample], shard: ShardInfo, cfg: AugConfig, seed: int, epoch: int, view: int,
+               sample_id: int, partner: int, out_size: int, num_classes: int, decoded: dict,
+               extra_size: int | None = None) -> ReplayItem | dict:
+    """One row, ``sample_id`` mixed with its planned ``partner``: the pixels and target
+    :func:`replay_items` gives that row (the same plan calls), without its per-shard caches.
+
+    Args:
+        by_id: the shard's samples by sample_id.
+        decoded: decode cache (sample_id -> PIL image or SampleError), e.g. an LRU per worker.
+
+    Returns:
+        The ReplayItem, or the skip record (shard, key, sample_id, epoch, view, reason) when the
+        sample or its partner cannot be decoded.
+    """
+    def image_of(sid: int):
+        if sid not in decoded:
+            try:
+                decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose)
+            except SampleError as exn:
+                decoded[sid] = exn
+        return decoded[sid]
+
+    a, b = by_id[sample_id], by_id[partner]
+    record = {"shard": shard.name, "key": a.key, "sample_id": sample_id, "epoch": epoch, "view": view}
+    img_a = image_of(sample_id)
+    if isinstance(img_a, SampleError):
+        return dict(record, reason=str(img_a))
+    pa = sample_params(cfg, seed, epoch, sample_id, view, img_a.size)
+    if pa.mix_mode == "none":
+        render = lambda size: apply(img_a, pa, size, cfg)  # noqa: E731
+        label_b = a.label
+    else:
+        img_b = image_of(partner)
+        if isinstance(img_b, SampleError):
+            return dict(record, reason=f"mix partner {b.key} (sample_id {partner}) is corrupt: {img_b}")
+        pb = sample_params(cfg, seed, epoch, partner, view, img_b.size)
+        render = lambda size: mix(apply(img_a, pa, size, cfg), apply(img_b, pb, size, cfg), pa)  # noqa: E731
+        label_b = b.label
+    target = soft_label(pa, a.label, label_b, num_classes)
+    extra = render(extra_size) if extra_size is not None else None
+    return ReplayItem(sample_id, a.key, a.label, render(out_size), target, epoch, view, extra)
+
+
 def collate(items: Sequence[ReplayItem]) -> dict:
     """ReplayItems -> batch dict of tensors (``extra_image`` only when the items carry one)."""
     batch = {

@@ -16,18 +16,27 @@ same pairs, whatever its sampler. With V = 1 a part is the whole shard.
 
 **Samplers.**
 
-* ``"ra"`` (default, DeiT's RASampler): student epoch ``t`` reads part ``t % V`` of cache epoch
-  ``(t // V) % E``: about N/V distinct samples x V views. Units are listed view-major, so under
-  DDP the views of a sample land on different ranks, as with RASampler.
+* ``"ra"`` (default, DeiT's repeated augmentation): student epoch ``t`` reads part ``t % V`` of
+  cache epoch ``(t // V) % E``: about N/V distinct samples x V views, **the views of a sample in
+  the same optimizer step**. As DeiT's RASampler deals the view-repeated index list
+  ``indices[rank::world]``, each global step of ``world x batch`` rows holds whole groups (one
+  sample's views, consecutive) and rank ``r`` takes ``rows[r::world]`` of it: the views sit on
+  neighbouring ranks at the same batch position, in one batch on one process. Only a group cut
+  by a step boundary (as in RASampler, when ``world x batch`` is not a multiple of V) or a
+  sample at a part boundary (its other views are in the next student epoch, <= V-1 per shard
+  and cache epoch) has its views in different steps.
 * ``"one_view"``: student epoch ``t`` reads view ``t % V`` of every sample of cache epoch
-  ``(t // V) % E``.
+  ``(t // V) % E``; each rank reads an exact contiguous block of the epoch (its shards only).
 
-**Ranks and workers.** The epoch's *units* (cache epoch, shard, view, part, slice of its pair
-list) are listed in a per-student-epoch seeded shard order, view-major, and cut into W
-contiguous blocks of R/W rows (±1), splitting a unit's pair list where a block ends: each rank
-reads exactly its share and every row is read by exactly one rank. Within a rank, all units of
-one shard go to the same DataLoader worker (one read of the tar, one decode per sample for all
-its views there), shards dealt least-loaded first.
+**Steps, lanes and windows** (:meth:`Schedule.order`). The epoch's rows (shards in a seeded
+order) are laid out in steps; step ``s`` is read by *lane* ``s % lanes`` (a lane is one
+DataLoader worker, so the loader's round robin over workers is the step order). A lane owns a
+contiguous run of shards (the rows its steps hold) and shuffles their groups inside windows of
+``interleave`` shards: a worker holds a window's shards open, and every step mixes the classes
+of ``interleave`` shards. With ``ra`` every rank reads every shard of the epoch (it decodes only
+the rows it trains on), as DeiT reads each view on its own rank; ``one_view`` reads each shard
+once per epoch across ranks. All of it is computed from integers before any image is read: no
+buffer of replayed images, no wait before the first step.
 
 Everything here is a pure function of integers (seed, epochs, views, shard counts, ranks);
 no global RNG, nothing read from disk.
@@ -45,6 +54,7 @@ from pipeline.plan import mix_pairs
 SAMPLERS = ("ra", "one_view")
 _CUT_TAG = 0x6B645F63     # "kd_c": in-shard sample order of the cut
 _ORDER_TAG = 0x6B645F6F   # "kd_o": a student epoch's reading order
+_LANE_TAG = 0x6B645F6C    # "kd_l": a lane's shuffle of its windows
 
 
 def _rng(tag: int, *ints: int) -> np.random.Generator:
@@ -188,18 +198,18 @@ class Schedule:
             return EpochSource(epoch, e, slot, None, epoch // per_cycle)
         return EpochSource(epoch, e, None, slot, epoch // per_cycle)
 
-    def cut(self, cache_epoch: int) -> EpochCut:
-        return epoch_cut(self.seed, cache_epoch, self.views)
+    def _shard_order(self, epoch: int) -> list[int]:
+        return _rng(_ORDER_TAG, self.order_seed, epoch).permutation(len(self.shards)).tolist()
 
     def units(self, epoch: int) -> list[Unit]:
-        """All units of student epoch ``epoch`` in reading order (before the rank split)."""
+        """What student epoch ``epoch`` reads, as units (one per shard, view and part), shards in
+        the epoch's seeded order: the content of the epoch, not its step order (see :meth:`order`)."""
         src = self.source(epoch)
-        order = _rng(_ORDER_TAG, self.order_seed, epoch).permutation(len(self.shards)).tolist()
         views = range(self.views) if src.part is not None else [src.view]
         parts = [src.part] if src.part is not None else range(self.views)
         units = []
-        for view in views:  # view-major: the views of one sample go to different ranks
-            for s in order:
+        for s in self._shard_order(epoch):
+            for view in views:
                 for part in parts:
                     rows = part_rows(self.counts[s], self.views, part, view)
                     if rows:
@@ -212,30 +222,74 @@ class Schedule:
         self.source(epoch)
         return self.num_samples
 
-    def rank_units(self, epoch: int, rank: int, world_size: int) -> list[Unit]:
-        """The units rank ``rank`` of ``world_size`` reads: a contiguous block of R/W rows."""
+    def epoch_rows(self, epoch: int) -> Rows:
+        """Every row of student epoch ``epoch``, shards in the epoch's seeded order and, inside a
+        shard, groups (one sample's rows, its views consecutive) in the cut's sample order."""
+        src = self.source(epoch)
+        cut = epoch_cut(self.seed, src.cache_epoch, self.views)
+        V = self.views
+        out = []
+        for s in self._shard_order(epoch):
+            shard, count = self.shards[s], self.counts[s]
+            order = cut.sample_order(shard)
+            if src.part is not None:   # ra: the part's rows, sample-major (position p, view v) = p*V + v
+                i = np.arange(src.part * count, (src.part + 1) * count)
+                pos, view = i // V, i % V
+                part = np.full(count, src.part)
+            else:                      # one_view: view v of every sample, in the part that holds it
+                pos, view = np.arange(count), np.full(count, src.view)
+                part = (pos * V + src.view) // count
+            sample = int(shard.first_id) + order[pos]
+            out.append(np.stack([np.full(count, s), sample, view, part]))
+        cols = np.concatenate(out, axis=1) if out else np.zeros((4, 0), np.int64)
+        return Rows(src.cache_epoch, *(c.astype(np.int64) for c in cols))
+
+    def step_sizes(self, epoch: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> list[int]:
+        """Rows of each optimizer step of student epoch ``epoch``, summed over the ranks.
+
+        ``ra``: steps of ``world_size x batch_size`` rows, dealt to ranks as RASampler deals
+        (``rows[rank::world_size]`` of each step); a last step too small to give every rank a row
+        joins the one before. ``one_view``: per rank (its block of the epoch), ``batch_size`` rows
+        a step, as many steps on every rank (the last takes the remainder); the sizes are rank 0's.
+        ``drop_last`` drops a final short step (its rows are read in no step, as DeiT drops them).
+        """
+        if batch_size < 1 or world_size < 1:
+            raise ValueError(f"schedule: batch_size and world_size must be >= 1, found {batch_size}, {world_size}")
+        if self.sampler == "ra":
+            return _sizes(self.rows(epoch), world_size * batch_size, world_size, drop_last)
+        block = min(_blocks(self.rows(epoch), world_size))
+        return _sizes(block, batch_size, 1, drop_last)
+
+    def steps(self, epoch: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+        """Lock-step batches per rank (the same on every rank)."""
+        return len(self.step_sizes(epoch, batch_size, world_size, drop_last))
+
+    def order(self, epoch: int, rank: int, world_size: int, batch_size: int, lanes: int = 1,
+              interleave: int = 4, drop_last: bool = False) -> RankOrder:
+        """The rows rank ``rank`` reads in student epoch ``epoch``, step by step (module docstring).
+
+        Args:
+            batch_size: rows per step on one rank.
+            lanes: reading lanes (= DataLoader workers; step ``s`` is read by lane ``s % lanes``).
+            interleave: shards a lane reads at once; its rows are shuffled across them.
+        """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
-        units = self.units(epoch)
-        total = sum(u.rows for u in units)
-        lo, hi = rank * total // world_size, (rank + 1) * total // world_size
-        out, offset = [], 0
-        for u in units:
-            a, b = max(lo, offset), min(hi, offset + u.rows)
-            if a < b:
-                out.append(Unit(u.epoch, u.shard, u.view, u.part, u.views, u.start + a - offset, u.start + b - offset))
-            offset += u.rows
-            if offset >= hi:
-                break
-        return out
-
-    def rank_rows(self, epoch: int, world_size: int) -> list[int]:
-        total = self.rows(epoch)
-        return [(r + 1) * total // world_size - r * total // world_size for r in range(world_size)]
-
-    def steps(self, epoch: int, batch_size: int, world_size: int = 1) -> int:
-        """Lock-step batches per rank: every rank has a batch (the last one may be short)."""
-        return min(-(-n // batch_size) for n in self.rank_rows(epoch, world_size))
+        rows = self.epoch_rows(epoch)
+        key = (self.order_seed, epoch)
+        if self.sampler == "ra":   # one global order, every step dealt rows[rank::world_size]
+            sizes = self.step_sizes(epoch, batch_size, world_size, drop_last)
+            ordered, bounds = lay_out(rows, sizes, lanes, interleave, self.views, key)
+            steps = [np.arange(a + rank, b, world_size) for a, b in bounds]
+        else:                      # one_view: the rank's own block of the epoch, in its own order
+            n = self.rows(epoch)
+            lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+            block = rows.take(np.arange(lo, hi))
+            sizes = _sizes(min(_blocks(n, world_size)), batch_size, 1, drop_last)
+            sizes[-1] += (hi - lo) - sum(sizes) if not drop_last else 0
+            ordered, bounds = lay_out(block, sizes, lanes, interleave, 1, (*key, rank))
+            steps = [np.arange(a, b) for a, b in bounds]
+        return RankOrder(ordered, steps, max(1, lanes), self.views)
 
     def needed_items(self, epoch: int) -> list[tuple[int, int]]:
         """(cache epoch, shard) items student epoch ``epoch`` reads: every shard of its cache epoch."""
@@ -243,16 +297,127 @@ class Schedule:
         return [(e, s.index) for s in self.shards]
 
 
-def deal_to_workers(units: Sequence[Unit], num_workers: int) -> list[list[Unit]]:
-    """Units to ``num_workers`` lists: all units of a shard to one worker (read and decoded once
-    there), shards in order of first appearance, each to the least-loaded worker (ties: lowest id)."""
-    by_shard: dict[int, list[Unit]] = {}
-    for u in units:
-        by_shard.setdefault(u.shard, []).append(u)
-    lists: list[list[Unit]] = [[] for _ in range(max(1, num_workers))]
-    load = [0] * len(lists)
-    for group in by_shard.values():
-        w = min(range(len(lists)), key=lambda i: (load[i], i))
-        lists[w] += group
-        load[w] += sum(u.rows for u in group)
-    return lists
+@dataclass(frozen=True)
+class Rows:
+    """Cached rows of one cache epoch as parallel int64 arrays (shard index, sample_id, view, part)."""
+
+    epoch: int
+    shard: np.ndarray
+    sample: np.ndarray
+    view: np.ndarray
+    part: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def take(self, idx: np.ndarray) -> "Rows":
+        return Rows(self.epoch, self.shard[idx], self.sample[idx], self.view[idx], self.part[idx])
+
+
+@dataclass(frozen=True)
+class RankOrder:
+    """One rank's rows of one student epoch: ``rows`` and, per step, the indices into them."""
+
+    rows: Rows
+    steps: list[np.ndarray]
+    lanes: int
+    views: int          # the cache's V (a row's partner comes from its part of the cut)
+
+    def lane_steps(self, lane: int) -> list[tuple[int, np.ndarray]]:
+        """(step, row indices) read by ``lane``: steps ``lane``, ``lane + lanes``, ..."""
+        return [(s, self.steps[s]) for s in range(lane, len(self.steps), self.lanes)]
+
+    def num_rows(self) -> int:
+        return sum(len(s) for s in self.steps)
+
+
+def _blocks(n: int, world_size: int) -> list[int]:
+    return [(r + 1) * n // world_size - r * n // world_size for r in range(world_size)]
+
+
+def _sizes(n: int, step: int, min_last: int, drop_last: bool) -> list[int]:
+    """``n`` rows in steps of ``step``; a last step under ``min_last`` rows joins the one before."""
+    if n < max(min_last, 1):
+        raise ValueError(f"schedule: {n} rows cannot give each of {min_last} ranks a row")
+    sizes = [step] * (n // step)
+    rest = n - step * len(sizes)
+    if rest and not drop_last:
+        if rest < min_last and sizes:
+            sizes[-1] += rest
+        else:
+            sizes.append(rest)
+    if not sizes:   # fewer rows than one step, drop_last or not: one short step
+        sizes = [n]
+    return sizes
+
+
+def lay_out(rows: Rows, sizes: Sequence[int], lanes: int, interleave: int, group_rows: int, key: tuple) -> tuple[Rows, list[tuple[int, int]]]:
+    """Order ``rows`` (shard-ordered, groups contiguous) into steps of ``sizes`` read by ``lanes`` lanes.
+
+    Step ``s`` belongs to lane ``s % lanes``. Each lane takes a contiguous segment of the rows
+    (as many as its steps hold) and shuffles its groups (one sample's consecutive rows) within
+    windows of ``interleave`` consecutive shards, so a lane holds at most ``interleave`` shards
+    open and a step mixes them; a group stays whole unless a segment or step boundary cuts it.
+
+    Returns the reordered rows and ``[start, stop)`` of every step in them.
+    """
+    lanes = max(1, lanes)
+    per_lane = [sum(sizes[s] for s in range(k, len(sizes), lanes)) for k in range(lanes)]
+    idx = np.arange(len(rows))
+    out, lane_start, start = [], [], 0
+    for k, n in enumerate(per_lane):
+        seg = idx[start:start + n]
+        lane_start.append(sum(len(o) for o in out))
+        out.append(_shuffle_windows(rows, seg, interleave, group_rows, _rng(_LANE_TAG, *key, k)))
+        start += n
+    order = np.concatenate(out) if out else idx
+    bounds, offset = [], list(lane_start)
+    for s, size in enumerate(sizes):
+        k = s % lanes
+        bounds.append((offset[k], offset[k] + size))
+        offset[k] += size
+    return rows.take(order), bounds
+
+
+def _shuffle_windows(rows: Rows, seg: np.ndarray, interleave: int, group_rows: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """``seg``'s groups shuffled inside windows of ``interleave`` consecutive shard runs.
+
+    Groups smaller than ``group_rows`` (a sample whose other views lie in another part of the cut,
+    or a group cut by the lane's segment) would shift every later group off the step boundaries.
+    So each window opens with small groups that bring the lane back to a multiple of
+    ``group_rows`` rows, bundles the other small ones into multiples of ``group_rows``, and closes
+    with what is left: steps that hold a whole number of groups then cut almost none.
+    """
+    if len(seg) == 0:
+        return seg
+    shard, sample = rows.shard[seg], rows.sample[seg]
+    new_shard = np.r_[True, shard[1:] != shard[:-1]]
+    window = (np.cumsum(new_shard) - 1) // max(1, interleave)
+    group = np.cumsum(np.r_[True, (sample[1:] != sample[:-1]) | new_shard[1:]]) - 1
+    out, cuts, offset = [], np.r_[0, np.flatnonzero(np.diff(window)) + 1, len(seg)], 0
+    for a, b in zip(cuts[:-1], cuts[1:]):   # windows are contiguous runs of the segment
+        g = group[a:b] - group[a]
+        sizes = np.bincount(g)
+        n = len(sizes)
+        rank = 1 + rng.permutation(n).astype(np.int64)
+        unit = np.arange(n)
+        small = np.flatnonzero(sizes < group_rows).tolist()
+        need, held = -offset % group_rows, 0
+        for j, i in enumerate(small if need else []):   # the opening: realign the lane
+            held += sizes[i]
+            if held % group_rows == need:
+                unit[small[:j + 1]], rank[small[0]] = small[0], 0
+                small = small[j + 1:]
+                break
+        bundle, held = -1, 0
+        for i in small:
+            if held == 0:
+                bundle = i
+            unit[i], held = bundle, (held + sizes[i]) % group_rows
+        if held:
+            rank[bundle] = n + 1   # the incomplete bundle closes the window
+        key = rank[unit[g]] * (n + 2) + g
+        out.append(seg[a:b][np.argsort(key, kind="stable")])
+        offset = (offset + b - a) % group_rows
+    return np.concatenate(out)

@@ -67,7 +67,6 @@ class DataConfig(ConfigBase):
     views: int | None = None           # repeated-augmentation views V; None = the cache's (1 without a cache)
     sampler: str = "ra"                # ra (N/V samples x V views per epoch) | one_view (one view of each sample)
     interleave: int = 4                # shards each loader worker replays at once (class mixing)
-    shuffle_buffer: int = 512          # items per worker shuffle buffer
     aug: AugConfig | None = None       # None = cache attrs
     max_batches: int | None = None     # cap on batches per epoch (smoke runs, benchmarks)
     eval_batch_size: int = 256

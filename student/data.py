@@ -140,11 +140,10 @@ class TrainData:
         """The replay loader of student epoch ``epoch`` on this rank (no cache join)."""
         d = self.cfg.data
         lcfg = LoaderConfig(batch_size=self.batch_size, out_size=d.img_size, num_workers=d.num_workers,
-                            interleave=d.interleave, shuffle_buffer=d.shuffle_buffer,
-                            extra_size=self.extra_size, max_batches=self.num_batches())
-        units = self.schedule.rank_units(epoch, self.rank, self.world_size)
-        return ReplayLoader(self.manifest, self.plan.aug, self.plan.seed, units, lcfg,
-                            order_seed=(self.plan.seed, epoch, self.rank))
+                            interleave=d.interleave, extra_size=self.extra_size, max_batches=self.num_batches())
+        order = self.schedule.order(epoch, self.rank, self.world_size, self.batch_size, lanes=lcfg.lanes,
+                                    interleave=d.interleave)
+        return ReplayLoader(self.manifest, self.plan.aug, self.plan.seed, order, lcfg)
 
     def batches(self, epoch: int) -> Iterator[dict]:
         """Batches of student epoch ``epoch`` for this rank (teacher rows joined when cached)."""
@@ -232,7 +231,7 @@ def make_val_loader(cfg: TrainConfig, aug: AugConfig, rank: int = 0, world_size:
     """Eval-style batches of the val shards (resize + center crop, the plan's normalization)."""
     val_aug = dataclasses.replace(aug, enabled=False)
     lcfg = LoaderConfig(batch_size=cfg.data.eval_batch_size, out_size=cfg.data.img_size,
-                        num_workers=cfg.data.num_workers, shuffle_buffer=0)
+                        num_workers=cfg.data.num_workers)
     return split_loader(load_manifest(cfg.data.val), val_aug, lcfg, rank=rank, world_size=world_size)
 
 

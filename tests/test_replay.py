@@ -45,9 +45,10 @@ def loaders(split_dir, epochs=(4, 5), sampler="one_view", rank=0, world_size=1, 
     """Loaders of student epochs ``epochs`` (default: both views of cache epoch 2)."""
     m = load_manifest(split_dir)
     sched = Schedule(m.shards, VIEWS, CACHED, SEED, sampler=sampler, order_seed=order)
-    cfg = LoaderConfig(**{"batch_size": 1, "out_size": OUT, "shuffle_buffer": 0, **kw})
-    return [ReplayLoader(m, CFG, SEED, sched.rank_units(t, rank, world_size), cfg, order_seed=(order, t, rank),
-                         on_skip=on_skip) for t in epochs]
+    cfg = LoaderConfig(**{"batch_size": 1, "out_size": OUT, **kw})
+    return [ReplayLoader(m, CFG, SEED, sched.order(t, rank, world_size, cfg.batch_size, lanes=cfg.lanes,
+                                                   interleave=cfg.interleave), cfg, on_skip=on_skip)
+            for t in epochs]
 
 
 def all_digests(split_dir, **kw) -> dict:
@@ -64,7 +65,7 @@ import hashlib, json, sys
 sys.path.insert(0, sys.argv[2])
 from test_replay import all_digests
 print(json.dumps({",".join(map(str, k)): v for k, v in
-                  all_digests(sys.argv[1], batch_size=5, num_workers=1, shuffle_buffer=8, order=11).items()}))
+                  all_digests(sys.argv[1], batch_size=5, num_workers=1, order=11).items()}))
 """
 
 
@@ -73,9 +74,9 @@ def test_pixels_independent_of_workers_batch_interleave_sampler_process(rgb_shar
     m = load_manifest(split)
     ref = all_digests(split)
     assert set(ref) == {(2, i, v) for i in range(m.num_samples) for v in range(VIEWS)}
-    assert all_digests(split, num_workers=2, batch_size=7, order=5, shuffle_buffer=4) == ref
+    assert all_digests(split, num_workers=2, batch_size=7, order=5) == ref
     assert all_digests(split, batch_size=4, interleave=1, order=6) == ref
-    assert all_digests(split, batch_size=3, interleave=3, num_workers=3, shuffle_buffer=50) == ref
+    assert all_digests(split, batch_size=3, interleave=3, num_workers=3) == ref
     # the RASampler-style epochs of the same cache epoch replay the very same rows
     assert all_digests(split, sampler="ra", batch_size=6, num_workers=2) == ref
     r = subprocess.run([sys.executable, "-c", SUBPROCESS, str(split), str(REPO / "tests")], cwd=REPO,
@@ -98,7 +99,7 @@ def test_pixels_independent_of_workers_batch_interleave_sampler_process(rgb_shar
 def test_fmnist_two_workers_and_mixing(fmnist_shards):
     split = fmnist_shards / "train"
     ref = all_digests(split, epochs=(0,), batch_size=16)
-    assert all_digests(split, epochs=(0,), batch_size=7, num_workers=2, shuffle_buffer=64) == ref
+    assert all_digests(split, epochs=(0,), batch_size=7, num_workers=2) == ref
     (ld,) = loaders(split, epochs=(0,), batch_size=64)
     targets = torch.cat([b["target"] for b in ld])
     assert len(targets) == 256
@@ -119,7 +120,7 @@ def test_extra_size_is_the_same_replay_at_another_resolution(rgb_shards):
 
 def test_order_changes_with_seed_not_content(rgb_shards):
     split = rgb_shards / "train"
-    order = lambda **kw: [int(i) for b in loaders(split, epochs=(4,), batch_size=5, shuffle_buffer=8, **kw)[0]
+    order = lambda **kw: [int(i) for b in loaders(split, epochs=(4,), batch_size=5, **kw)[0]
                           for i in b["sample_id"]]
     plain, other = order(order=0), order(order=1)
     assert plain != other and sorted(plain) == sorted(other)
@@ -197,18 +198,20 @@ def test_rank_blocks_cover_every_row_once(rgb_shards):
     m = load_manifest(split)
     ref = all_digests(split, sampler="ra", epochs=(4, 5))
     sched = Schedule(m.shards, VIEWS, CACHED, SEED, sampler="ra")
-    union = {}
-    for rank in (0, 1):
-        for t, ld in zip((4, 5), loaders(split, sampler="ra", epochs=(4, 5), batch_size=4, rank=rank,
-                                         world_size=2, num_workers=rank, shuffle_buffer=16)):
-            batches = list(ld)
-            assert len(batches) == len(ld) == -(-sched.rank_rows(t, 2)[rank] // 4)
-            got = digests(batches)
-            assert not set(got) & set(union)
-            union.update(got)
-    assert union == ref
+    for workers in (0, 2):
+        union = {}
+        for rank in (0, 1):
+            for t, ld in zip((4, 5), loaders(split, sampler="ra", epochs=(4, 5), batch_size=4, rank=rank,
+                                             world_size=2, num_workers=workers)):
+                batches = list(ld)
+                assert len(batches) == len(ld) == sched.steps(t, 4, 2)
+                assert all(len(b["label"]) == 4 for b in batches[:-1])
+                got = digests(batches)
+                assert not set(got) & set(union)
+                union.update(got)
+        assert union == ref
     steps = sched.steps(4, 4, 2)
     for rank in (0, 1):
         (ld,) = loaders(split, sampler="ra", epochs=(4,), batch_size=4, rank=rank, world_size=2,
-                        max_batches=steps, num_workers=2)
-        assert len(list(ld)) == len(ld) == steps
+                        max_batches=steps - 1, num_workers=2)
+        assert len(list(ld)) == len(ld) == steps - 1
