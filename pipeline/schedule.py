@@ -351,73 +351,124 @@ def _sizes(n: int, step: int, min_last: int, drop_last: bool) -> list[int]:
     return sizes
 
 
-def lay_out(rows: Rows, sizes: Sequence[int], lanes: int, interleave: int, group_rows: int, key: tuple) -> tuple[Rows, list[tuple[int, int]]]:
+def lay_out(rows: Rows, sizes: Sequence[int], lanes: int, interleave: int, group_rows: int,
+            key: tuple) -> tuple[Rows, list[tuple[int, int]]]:
     """Order ``rows`` (shard-ordered, groups contiguous) into steps of ``sizes`` read by ``lanes`` lanes.
 
     Step ``s`` belongs to lane ``s % lanes``. Each lane takes a contiguous segment of the rows
     (as many as its steps hold) and shuffles its groups (one sample's consecutive rows) within
-    windows of ``interleave`` consecutive shards, so a lane holds at most ``interleave`` shards
-    open and a step mixes them; a group stays whole unless a segment or step boundary cuts it.
+    windows of ``interleave`` consecutive shards (:func:`_place_groups`), so a lane holds at most
+    ``interleave`` shards open and a step mixes their classes.
 
     Returns the reordered rows and ``[start, stop)`` of every step in them.
     """
     lanes = max(1, lanes)
-    per_lane = [sum(sizes[s] for s in range(k, len(sizes), lanes)) for k in range(lanes)]
-    idx = np.arange(len(rows))
-    out, lane_start, start = [], [], 0
-    for k, n in enumerate(per_lane):
-        seg = idx[start:start + n]
-        lane_start.append(sum(len(o) for o in out))
-        out.append(_shuffle_windows(rows, seg, interleave, group_rows, _rng(_LANE_TAG, *key, k)))
-        start += n
-    order = np.concatenate(out) if out else idx
-    bounds, offset = [], list(lane_start)
-    for s, size in enumerate(sizes):
-        k = s % lanes
-        bounds.append((offset[k], offset[k] + size))
-        offset[k] += size
+    steps = [list(range(k, len(sizes), lanes)) for k in range(lanes)]
+    ends = [np.cumsum([sizes[s] for s in mine], dtype=np.int64) for mine in steps]
+    cuts = np.cumsum([0] + [int(e[-1]) if len(e) else 0 for e in ends])
+    segs = [np.arange(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    for k in range(lanes - 1):
+        segs[k], segs[k + 1] = _mend_cut(rows, segs[k], segs[k + 1], group_rows)
+    out, bounds, first = [], [None] * len(sizes), 0
+    for k in range(lanes):
+        out.append(_place_groups(rows, segs[k], ends[k], interleave, group_rows, _rng(_LANE_TAG, *key, k)))
+        for s, a, b in zip(steps[k], np.r_[0, ends[k][:-1]], ends[k]):
+            bounds[s] = (first + int(a), first + int(b))
+        first += len(segs[k])
+    order = np.concatenate(out) if out else np.arange(0)
     return rows.take(order), bounds
 
 
-def _shuffle_windows(rows: Rows, seg: np.ndarray, interleave: int, group_rows: int,
-                     rng: np.random.Generator) -> np.ndarray:
-    """``seg``'s groups shuffled inside windows of ``interleave`` consecutive shard runs.
+def _mend_cut(rows: Rows, left: np.ndarray, right: np.ndarray, group_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """When the boundary between two lanes' segments cuts a sample's group, move the group's right
+    part into the left segment and, in exchange, a small group of the same size (a sample whose
+    other views are in another epoch) from the left segment into the right one: the sample's views
+    stay in one lane, where they can share a step, and both segments keep their size."""
+    if not len(left) or not len(right):
+        return left, right
+    key = lambda idx: rows.shard[idx] * (1 << 40) + rows.sample[idx]  # noqa: E731
+    tail = key(left[-1])
+    size = int(np.argmin(key(right) == tail)) if not (key(right) == tail).all() else len(right)
+    if size == 0 or size >= group_rows:
+        return left, right
+    k = key(left)
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    lengths = np.diff(np.r_[starts, len(left)])
+    for a, n in zip(starts[::-1].tolist(), lengths[::-1].tolist()):
+        if n == size and k[a] != tail and np.count_nonzero(k == k[a]) == n:
+            y = left[a:a + n]
+            return np.r_[left[:a], left[a + n:], right[:size]], np.r_[y, right[size:]]
+    # or the other way: the left part goes right, a small group of its size comes left
+    cut = int(np.count_nonzero(k == tail))
+    kr = key(right)
+    starts = np.flatnonzero(np.r_[True, kr[1:] != kr[:-1]])
+    lengths = np.diff(np.r_[starts, len(right)])
+    for a, n in zip(starts.tolist(), lengths.tolist()):
+        if n == cut and cut + size <= group_rows and kr[a] != tail and np.count_nonzero(kr == kr[a]) == n:
+            x1 = left[len(left) - cut:]
+            return np.r_[left[:len(left) - cut], right[a:a + n]], np.r_[x1, right[:a], right[a + n:]]
+    return left, right
 
-    Groups smaller than ``group_rows`` (a sample whose other views lie in another part of the cut,
-    or a group cut by the lane's segment) would shift every later group off the step boundaries.
-    So each window opens with small groups that bring the lane back to a multiple of
-    ``group_rows`` rows, bundles the other small ones into multiples of ``group_rows``, and closes
-    with what is left: steps that hold a whole number of groups then cut almost none.
+
+def _place_groups(rows: Rows, seg: np.ndarray, ends: np.ndarray, interleave: int, group_rows: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """``seg``'s groups shuffled inside windows of ``interleave`` consecutive shard runs, placed so
+    that step boundaries (``ends``, counted from the segment's start) cut as few groups as they can.
+
+    Groups smaller than ``group_rows`` (a sample whose other views lie in another part of the
+    cut, or a group cut by the lane's segment) fill the room left before a step boundary when a
+    whole group would not fit; the rest close their window. A boundary cuts a group only when no
+    small group fits the room (as in RASampler when ``world x batch`` is not a multiple of V).
     """
     if len(seg) == 0:
         return seg
     shard, sample = rows.shard[seg], rows.sample[seg]
     new_shard = np.r_[True, shard[1:] != shard[:-1]]
     window = (np.cumsum(new_shard) - 1) // max(1, interleave)
-    group = np.cumsum(np.r_[True, (sample[1:] != sample[:-1]) | new_shard[1:]]) - 1
-    out, cuts, offset = [], np.r_[0, np.flatnonzero(np.diff(window)) + 1, len(seg)], 0
-    for a, b in zip(cuts[:-1], cuts[1:]):   # windows are contiguous runs of the segment
-        g = group[a:b] - group[a]
-        sizes = np.bincount(g)
-        n = len(sizes)
-        rank = 1 + rng.permutation(n).astype(np.int64)
-        unit = np.arange(n)
-        small = np.flatnonzero(sizes < group_rows).tolist()
-        need, held = -offset % group_rows, 0
-        for j, i in enumerate(small if need else []):   # the opening: realign the lane
-            held += sizes[i]
-            if held % group_rows == need:
-                unit[small[:j + 1]], rank[small[0]] = small[0], 0
-                small = small[j + 1:]
-                break
-        bundle, held = -1, 0
-        for i in small:
-            if held == 0:
-                bundle = i
-            unit[i], held = bundle, (held + sizes[i]) % group_rows
-        if held:
-            rank[bundle] = n + 1   # the incomplete bundle closes the window
-        key = rank[unit[g]] * (n + 2) + g
-        out.append(seg[a:b][np.argsort(key, kind="stable")])
-        offset = (offset + b - a) % group_rows
-    return np.concatenate(out)
+    starts = np.flatnonzero(np.r_[True, (sample[1:] != sample[:-1]) | new_shard[1:]])
+    lengths = np.diff(np.r_[starts, len(seg)])
+    gwin = window[starts]
+    placed: list[int] = []
+    pos, b = 0, 0
+    for w_first, w_stop in _runs(gwin):
+        groups = np.arange(w_first, w_stop)
+        small = [int(g) for g in groups if lengths[g] < group_rows]
+        full = groups[lengths[groups] >= group_rows][rng.permutation(int((lengths[groups] >= group_rows).sum()))]
+        for g in full.tolist():
+            while b < len(ends) and ends[b] <= pos:
+                b += 1
+            room = int(ends[b]) - pos if b < len(ends) else 0
+            if 0 < room < lengths[g] and small:
+                for f in _fill(small, lengths, room, group_rows):
+                    small.remove(f)
+                    placed.append(f)
+                    pos += int(lengths[f])
+            placed.append(g)
+            pos += int(lengths[g])
+        for f in small:
+            placed.append(f)
+            pos += int(lengths[f])
+    placed_arr = np.asarray(placed, dtype=np.int64)
+    rows_idx = np.repeat(starts[placed_arr] - np.r_[0, np.cumsum(lengths[placed_arr])[:-1]], lengths[placed_arr])
+    return seg[rows_idx + np.arange(len(seg))]
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of the runs of equal consecutive values."""
+    cuts = np.r_[0, np.flatnonzero(np.diff(values)) + 1, len(values)]
+    return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+
+
+def _fill(small: list[int], lengths: np.ndarray, room: int, group_rows: int) -> list[int]:
+    """Small groups that fill ``room`` rows, or ``room`` plus whole groups' worth (a small group cut
+    by the boundary loses nothing: its sample's other views are in another epoch anyway), so the
+    next whole group starts on a step boundary. The fewest rows that do; none if no subset does."""
+    reach: dict[int, list[int]] = {0: []}
+    limit = room + 2 * group_rows
+    for g in small:
+        for total, chosen in list(reach.items()):
+            t = total + int(lengths[g])
+            if t <= limit and t not in reach:
+                reach[t] = chosen + [g]
+    fits = [t for t in reach if t >= room and (t - room) % group_rows == 0]
+    return reach[min(fits)] if fits else []
