@@ -15,14 +15,19 @@ import torch
 
 from pipeline.shards import load_manifest
 from student.config import TrainConfig
-from student.data import make_schedule, open_checked_cache, resolve_plan
+from pipeline.plan import AugConfig
+from student.data import ReplayPlan, make_schedule, open_checked_cache, resolve_plan
 from student.optim import build_optimizer, build_scheduler, scaled_lr
 
 
 def schedule_report(cfg: TrainConfig, world_size: int = 1) -> dict:
-    """The schedule of ``cfg`` on ``world_size`` ranks as a dict (see :func:`format_report`)."""
+    """The schedule of ``cfg`` on ``world_size`` ranks as a dict (see :func:`format_report`).
+
+    Without a cache at ``cache.path`` yet (the caching job has not started), the plan comes from
+    the config (``data.views``, ``data.seed``) and the manifest alone.
+    """
     manifest = load_manifest(cfg.data.train)
-    plan = open_checked_cache(cfg, manifest)[1] if cfg.cache.path else resolve_plan(cfg, None)
+    plan, cache_note = _plan(cfg, manifest)
     schedule = make_schedule(cfg, manifest, plan)
     if cfg.data.batch_size % world_size:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by {world_size} ranks")
@@ -53,8 +58,49 @@ def schedule_report(cfg: TrainConfig, world_size: int = 1) -> dict:
         "sources": [(s.epoch, s.cache_epoch, s.part, s.view, s.cycle) for s in sources],
         "each_row_once_per_pass": all(c == 1 for c in slots.values())
         and all(rows[t] == manifest.num_samples for t in range(epochs)),
-        "complete_passes": complete, "epochs_per_pass": per_cycle,
+        "complete_passes": complete, "epochs_per_pass": per_cycle, "cache_note": cache_note,
     }
+
+
+def _plan(cfg: TrainConfig, manifest):
+    """The run's plan from the cache, or from the config while the cache does not exist (with a note)."""
+    if cfg.cache.path:
+        try:
+            return open_checked_cache(cfg, manifest)[1], None
+        except FileNotFoundError:
+            d = cfg.data   # the order needs no pixels: DeiT's plan stands in for an unset data.aug
+            plan = ReplayPlan(d.seed or 0, d.views or 1, d.aug or AugConfig(), "", None, cfg.teacher.k)
+            return plan, (f"no cache at {cfg.cache.path} yet: views ({plan.views}) and seed ({plan.seed}) "
+                          f"from the config (data.views, data.seed)")
+    return resolve_plan(cfg, None), None
+
+
+def write_order(cfg: TrainConfig, path: str, world_size: int = 1, epochs: int = 1) -> dict:
+    """Write ``epoch,step,rank,position,sample_id,view`` for every row of the first ``epochs``
+    student epochs on ``world_size`` ranks (``data.batch_size`` split over them) to ``path``;
+    return how often a sample's views share an optimizer step (samples with all views there)."""
+    manifest = load_manifest(cfg.data.train)
+    plan = _plan(cfg, manifest)[0]
+    schedule = make_schedule(cfg, manifest, plan)
+    per_rank = cfg.data.batch_size // world_size
+    lanes = max(1, cfg.data.num_workers)
+    steps_of: dict[tuple[int, int], set] = {}
+    rows_of: Counter = Counter()
+    with open(path, "w") as f:
+        f.write("epoch,step,rank,position,sample_id,view\n")
+        for t in range(epochs):
+            for rank in range(world_size):
+                order = schedule.order(t, rank, world_size, per_rank, lanes=lanes, interleave=cfg.data.interleave)
+                for step, ix in enumerate(order.steps):
+                    sids, views = order.rows.sample[ix].tolist(), order.rows.view[ix].tolist()
+                    f.writelines(f"{t},{step},{rank},{p},{a},{v}\n" for p, (a, v) in enumerate(zip(sids, views)))
+                    for a in sids:
+                        steps_of.setdefault((t, a), set()).add(step)
+                        rows_of[t, a] += 1
+    whole = [k for k, n in rows_of.items() if n == plan.views]
+    shared = sum(len(steps_of[k]) == 1 for k in whole)
+    return {"order_out": path, "order_epochs": epochs, "samples_all_views": len(whole),
+            "views_share_a_step": shared / len(whole) if whole else None}
 
 
 def _lr_points(cfg: TrainConfig, lr: float, updates_per_epoch: int) -> list[tuple[int, float]]:
@@ -77,6 +123,7 @@ def format_report(r: dict, config_name: str = "") -> str:
     per_view = f"N/{r['views']} samples x {r['views']} views" if r["sampler"] == "ra" else "one view of every sample"
     lines = [
         f"schedule{' of ' + config_name if config_name else ''} (dry run: no model built, no image read)",
+        *([f"  {r['cache_note']}"] if r.get("cache_note") else []),
         f"  data: {n:,} images in {r['num_shards']:,} shards, {r['num_classes']} classes",
         f"  cache: {r['cached_epochs']} epochs x {r['views']} views" if r["cached_epochs"] else
         f"  no cache: plan epochs follow student epochs ({r['views']} view(s))",
@@ -91,6 +138,13 @@ def format_report(r: dict, config_name: str = "") -> str:
         f"  rows: {'every cached row read exactly once per pass' if r['each_row_once_per_pass'] else 'NOT every row once'}"
         f" ({r['epochs_per_pass']} student epochs per pass; {r['complete_passes']} complete pass(es) in this run)",
     ]
+    if r["sampler"] == "ra":
+        lines.append("  repeated augmentation: the views of a sample share an optimizer step (on neighbouring "
+                     "ranks at one batch position, as DeiT's RASampler; --order-out writes the order)")
+    if r.get("order_out"):
+        share = r["views_share_a_step"]
+        lines.append(f"  order of {r['order_epochs']} epoch(s) written to {r['order_out']}"
+                     + (f"; views sharing a step: {share:.4%} of {r['samples_all_views']:,} samples" if share else ""))
     src = r["sources"]
     shown = src if len(src) <= 9 else src[:6] + [None] + src[-3:]
     for s in shown:

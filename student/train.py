@@ -215,15 +215,23 @@ def main(argv: list[str] | None = None) -> dict:
                              "from the manifest and cache attrs; build no model, read no image")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks for --dry-run (default: WORLD_SIZE from torchrun, else 1)")
+    parser.add_argument("--order-out", metavar="FILE.csv", default=None,
+                        help="with --dry-run: write epoch,step,rank,position,sample_id,view of every row")
+    parser.add_argument("--order-epochs", type=int, default=1, help="student epochs --order-out writes (default 1)")
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.mode=soft run.epochs=3")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + (["run.resume=true"] if args.resume or args.force_resume else [])
+    if args.order_out and not args.dry_run:
+        parser.error("--order-out needs --dry-run")
     cfg = load_config(TrainConfig, args.config, overrides)
     if args.dry_run:
-        from student.dryrun import format_report, schedule_report
+        from student.dryrun import format_report, schedule_report, write_order
 
-        report = schedule_report(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        report = schedule_report(cfg, world)
+        if args.order_out:
+            report.update(write_order(cfg, args.order_out, world, args.order_epochs))
         print(format_report(report, args.config or ""))
         return report
     return train(cfg, force_resume=args.force_resume)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,39 @@ def test_dry_run_shows_the_cycle_when_training_longer_than_the_cache(tmp_path):
     assert [s[1:4] for s in report["sources"][:7]] == [(0, None, 0), (0, None, 1), (0, None, 2), (1, None, 0),
                                                      (1, None, 1), (1, None, 2), (0, None, 0)]
     assert report["complete_passes"] == 1 and report["each_row_once_per_pass"]
+
+
+def test_order_out_from_the_manifest_alone(tmp_path, capsys):
+    """Before the cache exists, ``--dry-run --order-out`` writes every row's (epoch, step, rank,
+    position) from the manifest and the config; the views of a sample share a step (8 x 128)."""
+    split = tmp_path / "wds" / "train"
+    split.mkdir(parents=True)
+    counts = [1000] * 24 + [517]
+    shards = [ShardInfo(f"train-{i:06d}.tar", i, 1000 * i, c, 100_000_000, "0" * 64) for i, c in enumerate(counts)]
+    (split / "manifest.json").write_text(json.dumps(manifest_dict("train", [f"c{i}" for i in range(10)], 1000,
+                                                                  shards, [], "test", {})))
+    csv = tmp_path / "order.csv"
+    report = main(["--config", str(REPO / "configs/student/deit_s_imagenet_hard.yaml"), "--dry-run",
+                   "--world-size", "8", "--order-out", str(csv), "--order-epochs", "2",
+                   f"data.train={split}", f"cache.path={tmp_path / 'not-yet.zarr'}", "data.val=null",
+                   "data.views=3", "data.seed=0"])
+    out = capsys.readouterr().out
+    assert "no cache at" in out and "views sharing a step" in out
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "epoch,step,rank,position,sample_id,view"
+    rows = [tuple(map(int, line.split(","))) for line in lines[1:]]
+    n = sum(counts)
+    for t in (0, 1):
+        mine = [r for r in rows if r[0] == t]
+        assert len(mine) == n and len({(a, v) for _, _, _, _, a, v in mine}) == n
+        per_rank = Counter(rank for _, _, rank, _, _, _ in mine)
+        assert max(per_rank.values()) - min(per_rank.values()) <= 1 and len(per_rank) == 8
+        assert max(p for _, _, _, p, _, _ in mine) == 127
+    # epochs 0 and 1 read disjoint parts of cache epoch 0: no (sample, view) row twice
+    assert len({(a, v) for *_, a, v in rows}) == 2 * n
+    steps: dict = {}
+    for t, step, _, _, a, _ in rows:
+        steps.setdefault((t, a), []).append(step)
+    whole = [s for s in steps.values() if len(s) == 3]
+    assert sum(len(set(s)) == 1 for s in whole) / len(whole) >= 0.99
+    assert report["views_share_a_step"] >= 0.99
