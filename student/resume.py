@@ -3,7 +3,7 @@
 A resumed run continues the *same* run. The config saved in the checkpoint is compared with the
 one given now, key by key: keys that only say how the run is executed or watched
 (:data:`MAY_CHANGE`) may differ; any other difference (model, loss, teacher, data, augmentation
-plan and loader order such as ``data.sampler`` / ``interleave`` / ``num_workers``, optimizer,
+plan and loader order such as ``data.sampler`` / ``interleave``, optimizer,
 schedule, run length, seed) would silently turn it into another run, so it is refused, naming
 the keys, unless ``--force-resume``.
 
