@@ -171,6 +171,8 @@ class RunConfig(ConfigBase):
     progress: bool = True              # tqdm bar with images/s
     log_every: int = 50                # steps between per-step metric rows (0 = epoch rows only)
     plot: bool = True                  # PNG curves at the end
+    rank_audit: bool = False           # each rank writes rank-<r>.csv (the rows it trained on, step by
+                                       # step) and rank-<r>.json (world size, sha256 of its final weights)
 
     def __post_init__(self):
         check(self.epochs > 0, "run.epochs", f"must be positive, found {self.epochs}")

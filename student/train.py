@@ -12,6 +12,8 @@ resume -> epochs (train, eval, log, checkpoint) -> curves. The pieces live in im
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import sys
@@ -122,8 +124,11 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
             state.epoch = epoch
             started = time.perf_counter()
             bar = _progress(cfg, dist.is_main, num_batches, epoch)
+            batches = data.batches(epoch)
+            if cfg.run.rank_audit:
+                batches = _audit_rows(batches, run_dir, dist.rank, epoch)
             metrics = train_one_epoch(
-                net, data.batches(epoch), loss_fn, targets_fn, optimizer, scheduler, ema, state,
+                net, batches, loss_fn, targets_fn, optimizer, scheduler, ema, state,
                 device=device, precision=precision, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
                 num_batches=num_batches, on_step=on_step, progress=bar, wait_clock=wait_clock)
             if bar is not None:
@@ -155,6 +160,8 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
             distributed.barrier()
     finally:
         logger.close()
+    if cfg.run.rank_audit:
+        _audit_weights(model, run_dir, dist.rank, dist.world_size)
     if dist.is_main and cfg.run.plot and (run_dir / "metrics.csv").exists():
         plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
     distributed.shutdown()
@@ -175,6 +182,29 @@ def _resume(run_dir: Path, cfg: TrainConfig, identity: dict, force: bool, model,
         set_rng_state(ckpt["rng"])  # drop path draws from the global RNG of its device
     log(f"resume: {path} (epoch {ckpt['epoch']}, step {ckpt['step']})")
     return LoopState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), update=int(ckpt["update"])), ckpt.get("best")
+
+
+def _audit_rows(batches, run_dir: Path, rank: int, epoch: int):
+    """Pass ``batches`` through, appending every row to ``rank-<rank>.csv``
+    (epoch, step, position, cache_epoch, sample_id, view): what this rank trained on."""
+    path = run_dir / f"rank-{rank}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        if f.tell() == 0:
+            f.write("epoch,step,position,cache_epoch,sample_id,view\n")
+        for step, batch in enumerate(batches):
+            f.writelines(f"{epoch},{step},{p},{e},{a},{v}\n" for p, (e, a, v) in enumerate(zip(
+                batch["epoch"].tolist(), batch["sample_id"].tolist(), batch["view"].tolist())))
+            yield batch
+
+
+def _audit_weights(model, run_dir: Path, rank: int, world_size: int) -> None:
+    """``rank-<rank>.json``: the world size this rank ran in and the sha256 of its final weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    (run_dir / f"rank-{rank}.json").write_text(json.dumps(
+        {"rank": rank, "world_size": world_size, "weights_sha256": digest.hexdigest()}))
 
 
 def _evaluate(cfg, model, ema, aug, device, precision, dist) -> dict:

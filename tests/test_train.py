@@ -2,8 +2,9 @@
 
 * cached hard == online hard, step by step (Mixup/CutMix on), and cached soft ~ online soft;
 * resume: 2 epochs == 1 epoch + resume 1 (weights, EMA, optimizer, scheduler);
-* DDP under torchrun with 2 gloo processes reads the single process's rows, takes the same steps
-  and reduces its metrics (the loss trajectory itself differs: other images per global batch);
+* DDP under torchrun with 2 gloo processes: the rows each rank recorded are disjoint and make up
+  the single process's rows, a sample's views share a step, both ranks end with the same weights,
+  and metrics are reduced (the loss trajectory itself differs: other images per global batch);
 * one cache serves other architectures, another tau and another resolution;
 * a student waits for epochs the caching job has not finished yet;
 * a short real run learns.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -120,35 +122,41 @@ def _check_exact_resume(fmnist_shards, cache, tmp_path, device: str) -> dict:
     return a
 
 
-def test_ddp_reads_the_same_rows_and_reduces_metrics(fmnist_shards, cache, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo) at a real learning rate.
+@pytest.fixture(scope="module")
+def cache3(fmnist_shards, tmp_path_factory) -> Path:
+    """1 cache epoch x 3 views (repeated augmentation), k=3."""
+    out = tmp_path_factory.mktemp("train_cache3") / "tiny3.zarr"
+    build_cache(fmnist_shards, out, epochs=1, views=3, k=3)
+    return out
 
-    What DDP keeps from a single process, and what it does not: every epoch the two ranks read
-    exactly the single process's rows (each its own block), take the same number of steps, and
-    report metrics reduced over both. A global batch holds other images than the single
-    process's batch, so the loss trajectories are not equal step by step (that is not claimed).
+
+def _audit(run_dir: Path, rank: int) -> tuple[dict, dict[int, list[tuple[int, int, int, int]]]]:
+    """(rank-<r>.json, {epoch: [(step, cache_epoch, sample_id, view)]}) that the run wrote."""
+    info = json.loads((run_dir / f"rank-{rank}.json").read_text())
+    rows: dict[int, list] = {}
+    with open(run_dir / f"rank-{rank}.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            rows.setdefault(int(r["epoch"]), []).append(
+                (int(r["step"]), int(r["cache_epoch"]), int(r["sample_id"]), int(r["view"])))
+    return info, rows
+
+
+def test_ddp_reads_the_same_rows_and_reduces_metrics(fmnist_shards, cache3, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) at a real learning rate, on a 3-view cache.
+
+    What the run itself recorded (``run.rank_audit``): it ran with 2 ranks; every epoch the two
+    ranks trained on disjoint rows whose union is exactly the single process's rows; the views of
+    a sample sat in one optimizer step (on the two ranks, as RASampler places them); after
+    training both ranks hold identical weights (DDP's all-reduce). The loss trajectories are not
+    equal step by step (a global batch holds other images than the single process's batch).
     """
-    from pipeline.shards import load_manifest as manifest_of
-    from student.data import TrainData, open_checked_cache
+    from student.data import make_val_loader, open_checked_cache
     from student.evaluate import evaluate
-    from student.data import make_val_loader
     from student.models import build_student
 
-    opts = ["data.batch_size=32", "optim.lr=1.0e-3", "run.epochs=2", "run.eval_every=1"]
-    single = student_config(fmnist_shards, cache, tmp_path / "single", *opts)
-    manifest = manifest_of(single.data.train)
-    reader, plan = open_checked_cache(single, manifest)
-
-    def rows(rank: int, world: int, epoch: int) -> list[tuple[int, int, int]]:
-        data = TrainData(single, manifest, plan, reader, rank, world, log=lambda *_: None)
-        return [(int(e), int(s), int(v)) for b in data.loader(epoch) for e, s, v in
-                zip(b["epoch"], b["sample_id"], b["view"])]
-
-    for epoch in (0, 1):
-        one, r0, r1 = rows(0, 1, epoch), rows(0, 2, epoch), rows(1, 2, epoch)
-        assert len(one) == len(r0) + len(r1) == 256 and abs(len(r0) - len(r1)) <= 1
-        assert sorted(one) == sorted(r0 + r1) and not set(r0) & set(r1)
-
+    opts = ["data.batch_size=32", "optim.lr=1.0e-3", "run.epochs=2", "run.eval_every=1", "run.rank_audit=true"]
+    single = student_config(fmnist_shards, cache3, tmp_path / "single", *opts)
+    plan = open_checked_cache(single, load_manifest(single.data.train))[1]
     cfg_path = tmp_path / "ddp.yaml"
     single.replace(run=single.run.replace(out=str(tmp_path / "ddp"))).save(cfg_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -157,6 +165,20 @@ def test_ddp_reads_the_same_rows_and_reduces_metrics(fmnist_shards, cache, tmp_p
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train(single)
+
+    (one_info, one), (info0, r0), (info1, r1) = _audit(tmp_path / "single", 0), *(_audit(tmp_path / "ddp", r) for r in (0, 1))
+    assert one_info["world_size"] == 1 and info0["world_size"] == info1["world_size"] == 2
+    assert info0["weights_sha256"] == info1["weights_sha256"] != one_info["weights_sha256"]
+    for epoch in (0, 1):
+        a, b = ({row[1:] for row in r[epoch]} for r in (r0, r1))
+        assert len(a) == len(r0[epoch]) and len(b) == len(r1[epoch]) and abs(len(a) - len(b)) <= 1
+        assert not a & b and a | b == {row[1:] for row in one[epoch]} and len(a | b) == 256
+        steps: dict = {}
+        for r in (r0, r1):
+            for step, _, sid, _ in r[epoch]:
+                steps.setdefault(sid, []).append(step)
+        whole = [s for s in steps.values() if len(s) == 3]
+        assert len(whole) > 70 and sum(len(set(s)) == 1 for s in whole) / len(whole) >= 0.9
     for run in ("single", "ddp"):
         epochs = _epoch_rows(tmp_path / run)
         assert [float(r["train_images"]) for r in epochs] == [256.0, 256.0]   # reduced over ranks
