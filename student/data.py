@@ -131,17 +131,15 @@ class TrainData:
 
     def num_batches(self) -> int:
         """Batches per epoch, identical on every rank (capped by data.max_batches)."""
-        n = self.schedule.steps(0, self.batch_size, self.world_size)
-        if self.cfg.data.max_batches is not None:
-            n = min(n, self.cfg.data.max_batches)
-        return n
+        return steps_per_epoch(self.cfg, self.schedule, self.batch_size, self.world_size)
 
     def loader(self, epoch: int) -> ReplayLoader:
         """The replay loader of student epoch ``epoch`` on this rank (no cache join)."""
         d = self.cfg.data
         lcfg = LoaderConfig(batch_size=self.batch_size, out_size=d.img_size, num_workers=d.num_workers,
                             interleave=d.interleave, shuffle_buffer=d.shuffle_buffer,
-                            extra_size=self.extra_size, max_batches=self.num_batches())
+                            extra_size=self.extra_size, max_batches=self.num_batches(),
+                            drop_last=d.drop_last)
         units = self.schedule.rank_units(epoch, self.rank, self.world_size)
         return ReplayLoader(self.manifest, self.plan.aug, self.plan.seed, units, lcfg,
                             order_seed=(self.plan.seed, epoch, self.rank))
@@ -228,13 +226,35 @@ def make_schedule(cfg: TrainConfig, manifest: Manifest, plan: ReplayPlan) -> Sch
     return Schedule(manifest.shards, plan.views, cached, plan.seed, sampler=cfg.data.sampler)
 
 
+def steps_per_epoch(cfg: TrainConfig, schedule: Schedule, batch_per_rank: int, world_size: int) -> int:
+    """Lock-step batches per rank of a student epoch: the schedule's count (the last batch may be
+    short), or with ``data.drop_last`` full batches only (the smallest rank's rows // batch, as
+    DeiT's DataLoader(drop_last=True)); capped by ``data.max_batches``.
+
+    Raises:
+        ValueError: drop_last leaves no full batch, naming the rows and the batch.
+    """
+    # Note for pipeline/schedule.py: drop_last reads Schedule.rank_rows(epoch, world_size), the
+    # rows of each rank (epoch 0: every student epoch holds N rows); a new sampler must keep it.
+    if cfg.data.drop_last:
+        rows = schedule.rank_rows(0, world_size)
+        n = min(rows) // batch_per_rank
+        if n == 0:
+            raise ValueError(f"data.drop_last: a rank holds {min(rows)} rows per epoch, fewer than one batch of "
+                             f"{batch_per_rank} (data.batch_size={cfg.data.batch_size} over {world_size} ranks)")
+    else:
+        n = schedule.steps(0, batch_per_rank, world_size)
+    return n if cfg.data.max_batches is None else min(n, cfg.data.max_batches)
+
+
 def make_val_loader(cfg: TrainConfig, aug: AugConfig, rank: int = 0, world_size: int = 1) -> ReplayLoader:
-    """Eval-style batches of the val shards (resize + center crop, the plan's normalization)."""
-    val_aug = dataclasses.replace(aug, enabled=False)
+    """Eval-style batches of the val shards (center crop as ``data.eval_resize``, the plan's normalization)."""
+    val_aug = dataclasses.replace(aug, enabled=False, eval_resize=cfg.data.eval_resize)
     lcfg = LoaderConfig(batch_size=cfg.data.eval_batch_size, out_size=cfg.data.img_size,
                         num_workers=cfg.data.num_workers, shuffle_buffer=0)
     return split_loader(load_manifest(cfg.data.val), val_aug, lcfg, rank=rank, world_size=world_size)
 
 
-__all__ = ["ReplayPlan", "resolve_plan", "open_checked_cache", "TrainData", "make_schedule", "make_val_loader",
+__all__ = ["ReplayPlan", "resolve_plan", "open_checked_cache", "TrainData", "make_schedule", "steps_per_epoch",
+           "make_val_loader",
            "load_manifest"]
