@@ -40,7 +40,6 @@ OUT = 224
 SIZES = [(500, 375), (375, 500), (640, 480), (300, 300), (120, 400)]  # includes an RRC fallback-prone shape
 KS_C = math.sqrt(-math.log(1e-6 / 2) / 2)   # two-sample KS critical constant at alpha = 1e-6 (2.69)
 Z_MAX = 5.0                                  # two-proportion z: two-sided p ~ 6e-7
-NEGATED = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")  # timm's _randomly_negate ops
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -122,7 +121,7 @@ def timm_draws(n: int = N) -> dict:
 
     def recorded_negate(v):
         result = negate(v)
-        out["negate"].append(result != v)
+        out["negate"].append((current["name"], result != v))
         return result
 
     saved = [(op, op.level_fn, op.aug_fn) for op in ra.ops]
@@ -223,8 +222,10 @@ def compare(plans: list, ref: dict) -> dict[str, tuple[bool, str]]:
     cap = max(timm_mags)  # timm clips at magnitude_max (10): the draws above land exactly on it
     checks["magnitude clipped"] = rate_ok(sum(m == cap for m in mags), len(mags), sum(m == cap for m in timm_mags),
                                           len(timm_mags))
-    signed = [op.negate for op in applied if op.name in NEGATED]
-    checks["magnitude sign"] = rate_ok(sum(signed), len(signed), sum(ref["negate"]), len(ref["negate"]))
+    negated = {name for name, _ in ref["negate"]}  # the ops whose level fn calls timm's _randomly_negate
+    signed = [op.negate for op in applied if op.name in negated]
+    checks["magnitude sign"] = rate_ok(sum(signed), len(signed), sum(neg for _, neg in ref["negate"]),
+                                       len(ref["negate"]))
 
     boxes = [p.erase for p in plans if p.erase is not None]
     checks["erase prob"] = rate_ok(len(boxes), len(plans), len(ref["erase"]), len(plans))
