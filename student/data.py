@@ -256,5 +256,4 @@ def make_val_loader(cfg: TrainConfig, aug: AugConfig, rank: int = 0, world_size:
 
 
 __all__ = ["ReplayPlan", "resolve_plan", "open_checked_cache", "TrainData", "make_schedule", "steps_per_epoch",
-           "make_val_loader",
-           "load_manifest"]
+           "make_val_loader", "load_manifest"]

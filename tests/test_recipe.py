@@ -184,3 +184,28 @@ def test_drop_last_with_no_full_batch_names_the_rows(fmnist_shards):
     data = TrainData(cfg, load_manifest(cfg.data.train), resolve_plan(cfg, None), None)
     with pytest.raises(ValueError, match=r"256 rows .* batch of\s+512"):
         data.num_batches()
+
+
+def test_training_steps_the_lr_as_deit_and_resumes_so(fmnist_shards, tmp_path):
+    """student.train with optim.lr_step=epoch: the per-step lr of metrics.csv is DeiT's loop's, also
+    across a --resume at an epoch boundary (the optimizer state carries the lr set by end_epoch)."""
+    import csv
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_student_data import student_config
+    from student.train import main, train
+
+    opts = ("data.seed=0", "data.aug={auto_augment: null}", "loss.mode=none", "data.val=null", "run.epochs=3",
+            "data.max_batches=2", "optim.warmup_epochs=1", "optim.lr_step=epoch", "run.eval_every=0")
+
+    def lrs(run_dir):
+        with open(run_dir / "metrics.csv", newline="") as f:
+            return [float(r["lr"]) for r in csv.DictReader(f) if r.get("lr")]
+
+    train(student_config(fmnist_shards, None, tmp_path / "full", *opts))
+    assert lrs(tmp_path / "full") == pytest.approx(_deit_lrs(3, 2, 1, 1e-3, 1e-6, 1e-4), rel=1e-9)
+    student_config(fmnist_shards, None, tmp_path / "split", *opts).save(tmp_path / "split.yaml")
+    main(["--config", str(tmp_path / "split.yaml"), "run.stop_epoch=2"])
+    main(["--config", str(tmp_path / "split.yaml"), "--resume"])
+    assert lrs(tmp_path / "split") == lrs(tmp_path / "full")
