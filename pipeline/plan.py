@@ -64,6 +64,7 @@ _INTERPOLATIONS = {
     "hamming": Image.Resampling.HAMMING,
 }
 _RE_MODES = ("pixel", "rand", "const")
+EVAL_RESIZES = ("crop", "deit")
 MIX_MODES = ("none", "mixup", "cutmix")
 
 
@@ -73,6 +74,10 @@ class AugConfig(ConfigBase):
 
     ``enabled=False`` gives the eval transform instead: center crop of ``crop_pct=0.875``
     of the shorter side, resize to ``out_size``, normalize; no flip/RandAugment/erase/mix.
+    ``eval_resize="deit"`` performs that eval crop as DeiT's ``Resize(int(out_size / 0.875))``
+    (short side, PIL) then ``CenterCrop(out_size)`` on whole pixels: the same scale, < 1 px
+    of offset apart. It is read only with ``enabled=False`` and left out of the fingerprint of
+    training configs (eval is never cached), so it changes no cached row.
     ``auto_augment`` None or "" disables RandAugment; only ``rand-...`` strings are
     supported.  ``mixup_alpha = cutmix_alpha = 0`` or ``mix_prob = 0`` disables mixing.
     ``exif_transpose`` is the decoding rule (``pipeline.decode``): apply EXIF orientation.
@@ -93,6 +98,7 @@ class AugConfig(ConfigBase):
     switch_prob: float = 0.5
     enabled: bool = True
     exif_transpose: bool = True
+    eval_resize: str = "crop"
 
     def __post_init__(self) -> None:
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
@@ -110,6 +116,8 @@ class AugConfig(ConfigBase):
         for name in ("mixup_alpha", "cutmix_alpha"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and value >= 0.0, name, f"must be >= 0, found {value!r}")
+        check(self.eval_resize in EVAL_RESIZES, "eval_resize",
+              f"one of {EVAL_RESIZES}, found {self.eval_resize!r}")
         check(self.re_mode in _RE_MODES, "re_mode", f"one of {_RE_MODES}, found {self.re_mode!r}")
         check(len(self.mean) == 3, "mean", f"3 values, found {self.mean}")
         check(len(self.std) == 3 and all(s > 0 for s in self.std), "std", f"3 positive values, found {self.std}")
@@ -390,6 +398,8 @@ def augment(image: Image.Image, params: AugParams, out_size: int, cfg: AugConfig
         image = image.convert("RGB")
     w, h = image.size
     resample = _INTERPOLATIONS[cfg.interpolation]
+    if not cfg.enabled and cfg.eval_resize == "deit":
+        return np.array(_deit_eval_resize(image, out_size, resample), dtype=np.uint8)
     left, top, right, bottom = params.crop
     img = image.resize((out_size, out_size), resample=resample,
                        box=(left * w, top * h, right * w, bottom * h))
@@ -401,6 +411,21 @@ def augment(image: Image.Image, params: AugParams, out_size: int, cfg: AugConfig
             if op.applied:
                 img = apply_op(img, op.name, op.magnitude, op.negate, fill, resample)
     return np.array(img, dtype=np.uint8)
+
+
+def _deit_eval_resize(image: Image.Image, out_size: int, resample) -> Image.Image:
+    """DeiT's eval transform on PIL: torchvision ``Resize(int(out_size / 0.875))`` of the short
+    side (long side truncated, as torchvision computes it) then ``CenterCrop(out_size)``."""
+    w, h = image.size
+    short = int(out_size / _EVAL_CROP_PCT)
+    if w <= h:
+        size = (short, int(short * h / w))
+    else:
+        size = (int(short * w / h), short)
+    img = image.resize(size, resample=resample)
+    left = int(round((size[0] - out_size) / 2.0))
+    top = int(round((size[1] - out_size) / 2.0))
+    return img.crop((left, top, left + out_size, top + out_size))
 
 
 def finish(pixels: np.ndarray, params: AugParams, cfg: AugConfig) -> torch.Tensor:
@@ -523,7 +548,12 @@ def fingerprint(cfg: AugConfig) -> str:
     RandAugment op, erase), mix, soft_label at FINGERPRINT_SIZE px and the mix-pairing rule,
     so a config change or a library upgrade that changes pixels changes the fingerprint.
     """
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    described = cfg.to_dict()
+    if cfg.enabled or cfg.eval_resize == "crop":
+        # Training rows never read eval_resize, and "crop" is the transform fingerprinted before
+        # the option existed: leaving it out keeps every existing cache's fingerprint.
+        described.pop("eval_resize")
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     digest.update(PAIRING_RULE.encode())
     for pixels in canonical_decodes(cfg.exif_transpose):
         digest.update(repr(pixels.shape).encode())

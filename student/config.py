@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import ConfigBase, check
-from pipeline.plan import AugConfig
+from pipeline.plan import EVAL_RESIZES, AugConfig
 from teacher.model import TeacherConfig
 
 
@@ -70,6 +70,12 @@ class DataConfig(ConfigBase):
     aug: AugConfig | None = None       # None = cache attrs
     max_batches: int | None = None     # cap on batches per epoch (smoke runs, benchmarks)
     eval_batch_size: int = 256
+    # Eval crop: crop (0.875 of the short side, resized to img_size) | deit (DeiT's Resize(int(img_size/0.875))
+    # + CenterCrop(img_size): the same scale, < 1 px of offset apart). Eval only; no cached row changes.
+    eval_resize: str = "crop"
+    # Drop each rank's last short batch (DeiT's DataLoader(drop_last=True)). Off by default: the rows it
+    # drops (< batch per rank per epoch) are then not read in that pass over the cache.
+    drop_last: bool = False
 
     def __post_init__(self):
         check(self.img_size > 0, "data.img_size", f"must be positive, found {self.img_size}")
@@ -79,6 +85,8 @@ class DataConfig(ConfigBase):
         check(self.sampler in ("ra", "one_view"), "data.sampler", f"must be ra|one_view, found {self.sampler!r}")
         check(self.interleave >= 1, "data.interleave", "must be >= 1")
         check(self.max_batches is None or self.max_batches > 0, "data.max_batches", "must be positive")
+        check(self.eval_resize in EVAL_RESIZES, "data.eval_resize",
+              f"must be {'|'.join(EVAL_RESIZES)}, found {self.eval_resize!r}")
 
 
 @dataclass
@@ -125,6 +133,9 @@ class LossConfig(ConfigBase):
         check(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
 
 
+LR_STEPS = ("update", "epoch")
+
+
 @dataclass
 class OptimConfig(ConfigBase):
     """AdamW + cosine with warmup via timm's factories; lr scales with the global batch."""
@@ -138,6 +149,10 @@ class OptimConfig(ConfigBase):
     opt_eps: float = 1e-8
     clip_grad: float | None = None
     sched: str = "cosine"
+    # update: the lr follows the schedule at every optimizer update | epoch: DeiT's main.py, which calls
+    # lr_scheduler.step(epoch) after each epoch, so epoch e trains at the schedule's value at e-1
+    # (epochs 0 and 1 at warmup_lr; the warmup ends one epoch later). See student/optim.py.
+    lr_step: str = "update"
     warmup_epochs: int = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
@@ -148,6 +163,7 @@ class OptimConfig(ConfigBase):
     def __post_init__(self):
         check(self.lr is None or self.lr >= 0, "optim.lr", "must be >= 0")
         check(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+        check(self.lr_step in LR_STEPS, "optim.lr_step", f"must be {'|'.join(LR_STEPS)}, found {self.lr_step!r}")
         check(self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
         check(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
 
@@ -165,7 +181,8 @@ class RunConfig(ConfigBase):
     seed: int = 0                      # model init / drop-path RNG (the plan seed is data.seed)
     device: str = "auto"               # auto | cpu | cuda
     threads: int | None = None         # torch CPU threads (None = torch's default); 1 avoids oversubscription
-    amp: str = "auto"                  # auto (bf16 on CUDA) | bf16 | fp16 | none
+    # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with a GradScaler: DeiT's autocast + NativeScaler) | none
+    amp: str = "auto"
     resume: bool = False               # continue from the latest checkpoint in run.out (see student/resume.py)
     stop_epoch: int | None = None      # exit after this epoch (time-boxed jobs); --resume continues
     progress: bool = True              # tqdm bar with images/s

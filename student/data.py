@@ -131,10 +131,7 @@ class TrainData:
 
     def num_batches(self) -> int:
         """Batches per epoch, identical on every rank (capped by data.max_batches)."""
-        n = self.schedule.steps(0, self.batch_size, self.world_size)
-        if self.cfg.data.max_batches is not None:
-            n = min(n, self.cfg.data.max_batches)
-        return n
+        return steps_per_epoch(self.cfg, self.schedule, self.batch_size, self.world_size)
 
     def loader(self, epoch: int) -> ReplayLoader:
         """The replay loader of student epoch ``epoch`` on this rank (no cache join)."""
@@ -142,7 +139,7 @@ class TrainData:
         lcfg = LoaderConfig(batch_size=self.batch_size, out_size=d.img_size, num_workers=d.num_workers,
                             interleave=d.interleave, extra_size=self.extra_size, max_batches=self.num_batches())
         order = self.schedule.order(epoch, self.rank, self.world_size, self.batch_size, lanes=lcfg.lanes,
-                                    interleave=d.interleave)
+                                    interleave=d.interleave, drop_last=d.drop_last)
         return ReplayLoader(self.manifest, self.plan.aug, self.plan.seed, order, lcfg)
 
     def batches(self, epoch: int) -> Iterator[dict]:
@@ -227,13 +224,24 @@ def make_schedule(cfg: TrainConfig, manifest: Manifest, plan: ReplayPlan) -> Sch
     return Schedule(manifest.shards, plan.views, cached, plan.seed, sampler=cfg.data.sampler)
 
 
+def steps_per_epoch(cfg: TrainConfig, schedule: Schedule, batch_per_rank: int, world_size: int) -> int:
+    """Lock-step batches per rank of a student epoch (the schedule's count; with ``data.drop_last``
+    full steps only, as DeiT's DataLoader(drop_last=True)); capped by ``data.max_batches``."""
+    rows = schedule.rows(0) // world_size
+    if cfg.data.drop_last and rows < batch_per_rank:
+        raise ValueError(f"data.drop_last: a rank holds {rows} rows per epoch, fewer than one batch of "
+                         f"{batch_per_rank} (data.batch_size={cfg.data.batch_size} over {world_size} ranks)")
+    n = schedule.steps(0, batch_per_rank, world_size, drop_last=cfg.data.drop_last)
+    return n if cfg.data.max_batches is None else min(n, cfg.data.max_batches)
+
+
 def make_val_loader(cfg: TrainConfig, aug: AugConfig, rank: int = 0, world_size: int = 1) -> ReplayLoader:
-    """Eval-style batches of the val shards (resize + center crop, the plan's normalization)."""
-    val_aug = dataclasses.replace(aug, enabled=False)
+    """Eval-style batches of the val shards (center crop as ``data.eval_resize``, the plan's normalization)."""
+    val_aug = dataclasses.replace(aug, enabled=False, eval_resize=cfg.data.eval_resize)
     lcfg = LoaderConfig(batch_size=cfg.data.eval_batch_size, out_size=cfg.data.img_size,
                         num_workers=cfg.data.num_workers)
     return split_loader(load_manifest(cfg.data.val), val_aug, lcfg, rank=rank, world_size=world_size)
 
 
-__all__ = ["ReplayPlan", "resolve_plan", "open_checked_cache", "TrainData", "make_schedule", "make_val_loader",
-           "load_manifest"]
+__all__ = ["ReplayPlan", "resolve_plan", "open_checked_cache", "TrainData", "make_schedule", "steps_per_epoch",
+           "make_val_loader", "load_manifest"]

@@ -16,8 +16,8 @@ import torch
 from pipeline.shards import load_manifest
 from student.config import TrainConfig
 from pipeline.plan import AugConfig
-from student.data import ReplayPlan, make_schedule, open_checked_cache, resolve_plan
-from student.optim import build_optimizer, build_scheduler, scaled_lr
+from student.data import ReplayPlan, make_schedule, open_checked_cache, resolve_plan, steps_per_epoch
+from student.optim import build_optimizer, build_scheduler, lr_of_update, scaled_lr
 
 
 def schedule_report(cfg: TrainConfig, world_size: int = 1) -> dict:
@@ -35,12 +35,10 @@ def schedule_report(cfg: TrainConfig, world_size: int = 1) -> dict:
     epochs = cfg.run.epochs
     sources = [schedule.source(t) for t in range(epochs)]
     rows = [schedule.rows(t) for t in range(epochs)]
-    steps = schedule.steps(0, per_rank, world_size)
-    if cfg.data.max_batches is not None:
-        steps = min(steps, cfg.data.max_batches)
+    steps = steps_per_epoch(cfg, schedule, per_rank, world_size)
     o = cfg.optim
     updates = math.ceil(steps / o.accum_steps)
-    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.data.batch_size, o.accum_steps)
+    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.data.batch_size, o.accum_steps, o.base_batch)
     lrs = _lr_points(cfg, lr, updates)
     # Each (cache epoch, part|view) slot holds a disjoint set of rows (the cut partitions every
     # cache epoch), so "every row once per pass" = every slot once per cycle of E x V epochs.
@@ -107,14 +105,11 @@ def _lr_points(cfg: TrainConfig, lr: float, updates_per_epoch: int) -> list[tupl
     """(update, lr) at the schedule's landmarks, from the real timm scheduler on a dummy parameter."""
     o = cfg.optim
     opt = build_optimizer(torch.nn.Linear(1, 1), o.opt, lr, o.weight_decay)
-    sched = build_scheduler(opt, cfg.run.epochs, updates_per_epoch, o.warmup_epochs, o.min_lr, o.warmup_lr, o.sched)
+    sched = build_scheduler(opt, cfg.run.epochs, updates_per_epoch, o.warmup_epochs, o.min_lr, o.warmup_lr, o.sched,
+                            o.lr_step)
     total = cfg.run.epochs * updates_per_epoch
     marks = sorted({0, o.warmup_epochs * updates_per_epoch, total // 2, total - 1})
-    out = []
-    for t in marks:
-        sched.step_update(num_updates=t)
-        out.append((t, opt.param_groups[0]["lr"]))
-    return out
+    return [(t, lr_of_update(sched, opt, t, updates_per_epoch, o.lr_step)) for t in marks]
 
 
 def format_report(r: dict, config_name: str = "") -> str:

@@ -40,15 +40,28 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
-def resolve_precision(amp: str, device: torch.device) -> Precision:
-    """'auto' = bf16 on CUDA, fp32 on CPU; 'fp16' also gets a GradScaler."""
+def precision_choice(amp: str, device_type: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed) for ``run.amp`` on a device.
+
+    'auto' = bf16 on CUDA (fp32's exponent range: no loss scaling), fp32 elsewhere; 'fp16' is
+    DeiT's ``torch.cuda.amp.autocast()`` + ``NativeScaler``: fp16 underflows small gradients, so
+    the loss is scaled. Pure, so the CUDA decisions are tested on CPU.
+    """
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
+        amp = "bf16" if device_type == "cuda" else "none"
     if amp == "none":
-        return Precision(device.type, None, None)
+        return None, False
     if amp == "bf16":
-        return Precision(device.type, torch.bfloat16, None)
-    return Precision(device.type, torch.float16, torch.amp.GradScaler(device.type))
+        return torch.bfloat16, False
+    if amp == "fp16":
+        return torch.float16, True
+    raise ValueError(f"run.amp must be auto|bf16|fp16|none, found {amp!r}")
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """The :class:`Precision` of :func:`precision_choice` (a GradScaler on ``device`` for fp16)."""
+    dtype, scaled = precision_choice(amp, device.type)
+    return Precision(device.type, dtype, torch.amp.GradScaler(device.type) if scaled else None)
 
 
 @dataclass

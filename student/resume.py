@@ -23,7 +23,7 @@ from student.checkpoint import latest_checkpoint
 # Dotted keys (or section prefixes) that may change on --resume.
 MAY_CHANGE = (
     "data.train", "data.val",                     # by identity (manifest sha256) / eval only
-    "data.num_workers", "data.eval_batch_size",
+    "data.num_workers", "data.eval_batch_size", "data.eval_resize",
     "cache.path",                                 # by identity (the cache's provenance)
     "cache.wait", "cache.poll_s", "cache.timeout_s",
     "run.out", "run.resume", "run.stop_epoch", "run.eval_every", "run.save_every", "run.keep_last",

@@ -36,7 +36,7 @@ from student.losses import DistillationLoss
 from student.loop import LoopState, resolve_precision, train_one_epoch
 from student.metrics import MetricsLogger, epoch_line, plot_curves
 from student.models import build_student
-from student.optim import build_ema, build_optimizer, build_scheduler, scaled_lr
+from student.optim import build_ema, build_optimizer, build_scheduler, end_epoch, scaled_lr
 from student.resume import check_fresh_run_dir, check_resume, run_identity
 from student.targets import build_targets_fn
 
@@ -85,10 +85,11 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
     loss_fn = DistillationLoss(cfg.loss.mode, manifest.num_classes, cfg.loss.alpha, cfg.loss.tau,
                                cfg.loss.label_smoothing, cfg.loss.teacher_label_smoothing)
     o = cfg.optim
-    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.data.batch_size, o.accum_steps)
+    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.data.batch_size, o.accum_steps, o.base_batch)
     optimizer = build_optimizer(model, o.opt, lr, o.weight_decay, eps=o.opt_eps,
                                 **({"momentum": o.momentum} if o.opt in ("sgd", "momentum") else {}))
-    scheduler = build_scheduler(optimizer, cfg.run.epochs, updates_per_epoch, o.warmup_epochs, o.min_lr, o.warmup_lr, o.sched)
+    scheduler = build_scheduler(optimizer, cfg.run.epochs, updates_per_epoch, o.warmup_epochs, o.min_lr, o.warmup_lr,
+                                o.sched, o.lr_step)
     ema = build_ema(model, o.ema_decay) if o.ema else None
     precision = resolve_precision(cfg.run.amp, device)
 
@@ -133,7 +134,7 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
                 num_batches=num_batches, on_step=on_step, progress=bar, wait_clock=wait_clock)
             if bar is not None:
                 bar.close()
-            scheduler.step(epoch + 1)
+            end_epoch(scheduler, epoch, o.lr_step)
             state.epoch = epoch + 1
             metrics = {f"train_{k}": v for k, v in metrics.items()}
             if metrics["train_dropped"]:
@@ -263,8 +264,17 @@ def main(argv: list[str] | None = None) -> dict:
         if args.order_out:
             report.update(write_order(cfg, args.order_out, world, args.order_epochs))
         print(format_report(report, args.config or ""))
+        _print_recipe(cfg)
         return report
     return train(cfg, force_resume=args.force_resume)
+
+
+def _print_recipe(cfg: TrainConfig) -> None:
+    """--dry-run's second block: DeiT's recipe beside this config's (student/recipe.py)."""
+    from student.recipe import format_recipe, recipe_rows, recipe_inputs
+
+    aug, views, where = recipe_inputs(cfg)
+    print(format_recipe(recipe_rows(cfg, aug, views), where))
 
 
 HINTS = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -110,3 +111,28 @@ def test_order_out_from_the_manifest_alone(tmp_path, capsys):
     whole = [s for s in steps.values() if len(s) == 3]
     assert sum(len(set(s)) == 1 for s in whole) / len(whole) >= 0.99
     assert report["views_share_a_step"] >= 0.99
+
+
+def test_dry_run_with_deits_options_and_the_recipe_block(tmp_path, capsys):
+    split = imagenet_sized_split(tmp_path / "imagenet-wds")
+    cache = tmp_path / "cache.zarr"
+    job = load_config(CacheJobConfig, REPO / "configs/cache/imagenet_regnety160.yaml",
+                      [f"shards={split}", f"out={cache}", "teacher.checkpoint=null"])
+    manifest = load_manifest(split)
+    open_writer(job, manifest, cache_attrs(job, manifest))
+    args = ["--config", str(REPO / "configs/student/deit_s_imagenet_hard.yaml"), "--dry-run", "--world-size", "8",
+            f"data.train={split}", f"cache.path={cache}", "data.val=null"]
+    report = main(args + ["data.drop_last=true", "optim.lr_step=epoch", "run.amp=fp16", "data.eval_resize=deit"])
+    # drop_last: 160,145 rows on the smallest rank // 128 = 1251 steps, DeiT's count at 8 x 128
+    assert report["steps_per_epoch"] == 1251
+    lr = dict(report["lr_points"])
+    # per-epoch stepping one epoch late: update 5 x 1251 (epoch 5) still trains at the warmup's last value
+    assert lr[0] == pytest.approx(1e-6) and lr[5 * 1251] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 4 / 5)
+    out = capsys.readouterr().out
+    assert f"DeiT's recipe beside this config (plan from cache {cache}" in out
+    for element in ("lr stepping", "AMP dtype", "eval transform", "drop_last"):
+        assert re.search(rf"^  = {re.escape(element)} ", out, re.M), (element, out)
+    assert re.search(r"^  ≠ Mixup/CutMix .*per sample", out, re.M)
+    main(args)
+    out = capsys.readouterr().out
+    assert re.search(r"^  ≠ lr stepping +per optimizer update.*option: optim.lr_step=epoch", out, re.M)

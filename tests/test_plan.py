@@ -311,8 +311,11 @@ def test_eval_mode_is_deterministic_center_crop(chelsea):
 _ALT_VALUES = dict(
     scale=(0.2, 1.0), ratio=(0.5, 2.0), interpolation="bilinear", hflip=0.3, auto_augment="rand-m7-mstd0.5-inc1",
     re_prob=0.1, re_mode="const", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), mixup_alpha=0.2,
-    cutmix_alpha=0.0, mix_prob=0.5, switch_prob=0.7, enabled=False, exif_transpose=False,
+    cutmix_alpha=0.0, mix_prob=0.5, switch_prob=0.7, enabled=False, exif_transpose=False, eval_resize="deit",
 )
+# Fields read only by the eval transform: they change the fingerprint of an eval config, never a
+# training config's (eval is not cached, and existing caches keep their fingerprints).
+_EVAL_ONLY = ("eval_resize",)
 
 
 def test_fingerprint_stable_across_processes(fresh_process):
@@ -326,7 +329,11 @@ def test_fingerprint_changes_with_every_field():
     base = P.fingerprint(P.AugConfig())
     seen = {base}
     for name in names:
-        fp = P.fingerprint(P.AugConfig(**{name: _ALT_VALUES[name]}))
+        if name in _EVAL_ONLY:
+            assert P.fingerprint(P.AugConfig(**{name: _ALT_VALUES[name]})) == base, name
+            fp = P.fingerprint(P.AugConfig(enabled=False, **{name: _ALT_VALUES[name]}))
+        else:
+            fp = P.fingerprint(P.AugConfig(**{name: _ALT_VALUES[name]}))
         assert fp not in seen, name
         seen.add(fp)
 

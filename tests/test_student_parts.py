@@ -78,6 +78,7 @@ def test_load_for_finetune_32_to_48(tmp_path):
 def test_scaled_lr():
     assert scaled_lr(5e-4, 1024) == pytest.approx(1e-3)
     assert scaled_lr(5e-4, 128, accum_steps=4) == pytest.approx(5e-4)
+    assert scaled_lr(5e-4, 1024, base_batch=256) == pytest.approx(2e-3)   # optim.base_batch
 
 
 def test_optimizer_no_decay_on_norm_and_bias():
