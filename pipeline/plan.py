@@ -42,7 +42,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pipeline.config import ConfigBase, check
-from pipeline.decode import canonical_decodes
+from pipeline.decode import DEFAULT_MAX_PIXELS, canonical_decodes
 from pipeline.randaugment import apply_op, parse_rand_augment
 
 # Domain tags keep the per-sample and per-shard streams apart even for equal integers.
@@ -75,7 +75,8 @@ class AugConfig(ConfigBase):
     of the shorter side, resize to ``out_size``, normalize; no flip/RandAugment/erase/mix.
     ``auto_augment`` None or "" disables RandAugment; only ``rand-...`` strings are
     supported.  ``mixup_alpha = cutmix_alpha = 0`` or ``mix_prob = 0`` disables mixing.
-    ``exif_transpose`` is the decoding rule (``pipeline.decode``): apply EXIF orientation.
+    ``exif_transpose`` and ``max_pixels`` are the decoding rule (``pipeline.decode``): apply EXIF
+    orientation; refuse an image with more pixels (from its header, before decoding) as a bad sample.
     """
 
     scale: tuple[float, float] = (0.08, 1.0)
@@ -93,6 +94,7 @@ class AugConfig(ConfigBase):
     switch_prob: float = 0.5
     enabled: bool = True
     exif_transpose: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
@@ -110,6 +112,8 @@ class AugConfig(ConfigBase):
         for name in ("mixup_alpha", "cutmix_alpha"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and value >= 0.0, name, f"must be >= 0, found {value!r}")
+        check(isinstance(self.max_pixels, int) and self.max_pixels > 0, "max_pixels",
+              f"a positive pixel count (width x height), found {self.max_pixels!r}")
         check(self.re_mode in _RE_MODES, "re_mode", f"one of {_RE_MODES}, found {self.re_mode!r}")
         check(len(self.mean) == 3, "mean", f"3 values, found {self.mean}")
         check(len(self.std) == 3 and all(s > 0 for s in self.std), "std", f"3 positive values, found {self.std}")

@@ -108,7 +108,7 @@ def replay_items(
             return made[sid]
         if sid not in decoded:
             try:
-                decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose)
+                decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose, cfg.max_pixels)
             except SampleError as exn:
                 decoded[sid] = exn
         return decoded[sid]

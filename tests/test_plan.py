@@ -311,7 +311,7 @@ def test_eval_mode_is_deterministic_center_crop(chelsea):
 _ALT_VALUES = dict(
     scale=(0.2, 1.0), ratio=(0.5, 2.0), interpolation="bilinear", hflip=0.3, auto_augment="rand-m7-mstd0.5-inc1",
     re_prob=0.1, re_mode="const", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), mixup_alpha=0.2,
-    cutmix_alpha=0.0, mix_prob=0.5, switch_prob=0.7, enabled=False, exif_transpose=False,
+    cutmix_alpha=0.0, mix_prob=0.5, switch_prob=0.7, enabled=False, exif_transpose=False, max_pixels=1_000_000,
 )
 
 
