@@ -127,16 +127,31 @@ class TeacherWorker:
 
 def connect_ray(address: str | None) -> bool:
     """Join ``address`` (or RAY_ADDRESS / a ``ray start`` cluster on this node) or start
-    embedded Ray. ``address="local"`` always starts a fresh embedded instance.
+    embedded Ray. ``address="local"`` (or RAY_ADDRESS=local) always starts a fresh embedded
+    instance. Authentication is Ray's: token auth is on for an embedded instance (the token is
+    RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, made if missing);
+    joining a cluster started with RAY_AUTH_MODE=token needs that cluster's token (README).
     Returns True when this call started Ray (and should shut it down)."""
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     ray.init(address=address, **kwargs)
     return True
+
+
+def private_ray_env(folder: str | os.PathLike) -> dict[str, str]:
+    """Environment variables for a run that must use its own Ray (tests, demo, rehearsal): token
+    auth on with a fresh token written to ``folder/auth_token`` (``~/.ray`` untouched), and
+    RAY_ADDRESS=local, so every job started with them runs on a new local instance and never
+    joins a ``ray start`` cluster that happens to run on the machine."""
+    import secrets
+
+    token = os.path.join(folder, "auth_token")
+    with open(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))  # the form `ray get-auth-token --generate` writes
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token, "RAY_ADDRESS": "local"}
 
 
 def _auto_actors(cfg: CacheJobConfig) -> tuple[int, dict]:

@@ -4,13 +4,11 @@ difference is refused in one line that says which side is the run and which the 
 """
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 import torch
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from pipeline.cache import (CacheJobConfig, HINTS, PROG, cache_attrs, main, make_teacher,  # noqa: E402
