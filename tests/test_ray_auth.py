@@ -5,6 +5,7 @@ here on 127.0.0.1, in a temporary folder, with the session's token (conftest: a 
 RAY_AUTH_TOKEN_PATH, where a real node has ~/.ray/auth_token). kdcache's caching job joins it with
 the token and completes; a client without the token and the job with a wrong token are refused.
 The head is stopped in ``finally`` (SIGTERM to its ``ray start --block``, then its process group).
+Also: the suite's own jobs never join a ``ray start`` cluster that runs on the machine.
 """
 from __future__ import annotations
 
@@ -47,6 +48,19 @@ def test_cluster_file_starts_every_node_with_token_auth_and_syncs_the_token():
     # the token travels as a file from where `ray up` runs to Ray's default path on every node
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "RAY_AUTH_MODE=disabled" not in text and "RAY_AUTH_TOKEN=" not in text
+
+
+def test_suite_jobs_start_a_fresh_local_ray_even_beside_a_ray_start_cluster(tmp_path, monkeypatch):
+    """conftest's RAY_ADDRESS=local (inherited by every subprocess: ``python -m pipeline.cache``,
+    the demo, the README commands) beats the cluster a ``ray start`` on this machine records,
+    which a bare ``ray.init()`` / ``connect_ray(None)`` would otherwise join."""
+    from ray._private import services
+
+    (tmp_path / "ray_current_cluster").write_text("127.0.0.1:6379")   # what `ray start --head` leaves
+    assert os.environ.get("RAY_ADDRESS") == "local"
+    assert services.canonicalize_bootstrap_address(None, str(tmp_path)) is None   # None: start a new one
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert services.canonicalize_bootstrap_address(None, str(tmp_path)).endswith(":6379")   # would join it
 
 
 def _free_port() -> int:
