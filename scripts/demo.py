@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
                       args.overrides + ([f"out={args.out}"] if args.out else []))
     import torch
 
-    from pipeline.cache import private_ray_env
+    from pipeline.ray_env import private_ray_env
 
     # The demo's Ray: a fresh local instance with token auth and a token of its own (not ~/.ray)
     ray_dir = tempfile.mkdtemp(prefix="kdcache_demo_ray_")

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     py = sys.executable
-    from pipeline.cache import private_ray_env
+    from pipeline.ray_env import private_ray_env
 
     # The rehearsal's Ray: a fresh local instance with token auth and a token of its own (not ~/.ray)
     ray_dir = tempfile.mkdtemp(prefix="kdcache_rehearsal_ray_")
