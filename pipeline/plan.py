@@ -526,8 +526,12 @@ def fingerprint(cfg: AugConfig) -> str:
     Covers decoding (``pipeline.decode.canonical_decodes``), sample_params, apply (every
     RandAugment op, erase), mix, soft_label at FINGERPRINT_SIZE px and the mix-pairing rule,
     so a config change or a library upgrade that changes pixels changes the fingerprint.
+    ``max_pixels`` is left out: it decides which images are refused as bad, not the pixels of
+    any other; a refused row is marked invalid in the cache and the student drops invalid rows
+    and rows it cannot decode, so caches made under another limit (or before it) stay valid.
     """
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    config = {k: v for k, v in cfg.to_dict().items() if k != "max_pixels"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     digest.update(PAIRING_RULE.encode())
     for pixels in canonical_decodes(cfg.exif_transpose):
         digest.update(repr(pixels.shape).encode())
