@@ -63,7 +63,6 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from bench.photos import imagenet_jpegs  # noqa: E402
 from pipeline.job import CacheJobConfig  # noqa: E402
@@ -317,7 +316,7 @@ def main(argv=None) -> int:
     jobs, caps = {}, {}
     for place in ("local", "ray"):
         if place == "ray":  # replay as Ray tasks on `workers` CPUs; the teacher loop stays here
-            ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         kw = {"num_workers": args.workers} if place == "local" else {"replay": "ray", "num_workers": args.workers + 1}
         cfg = base.replace(**kw)
         try:
@@ -342,7 +341,7 @@ def main(argv=None) -> int:
     result["workers_alone_images_per_s"] = caps
     result["cache_eff_cpu_bound_vs_cpu_time_capacity"] = round(statistics.median(
         j["images_per_s"] for j in jobs["local_cpu_bound"]) / cpu_time_capacity, 3)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         jobs["ray_job_teacher_bound"] = bench_ray_job(manifest, work, caps["local"][-1] / 2, args.workers)
     finally:

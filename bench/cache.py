@@ -36,7 +36,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 TEACHER = dict(name="regnety_002", num_classes=1000, input_size=224, amp="auto", channels_last=True)
 
@@ -127,7 +126,8 @@ def bench_ray(shards: str, ckpt: str, work: Path) -> dict:
 
     from pipeline.cache import run_job
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+             log_to_driver=False)
     try:
         rates = {}
         for actors in (1, 2):

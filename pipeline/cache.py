@@ -127,13 +127,15 @@ class TeacherWorker:
 
 def connect_ray(address: str | None) -> bool:
     """Join ``address`` (or RAY_ADDRESS / a ``ray start`` cluster on this node) or start
-    embedded Ray. ``address="local"`` always starts a fresh embedded instance.
+    embedded Ray. ``address="local"`` (or RAY_ADDRESS=local) always starts a fresh embedded
+    instance. Authentication is Ray's: token auth is on for an embedded instance (the token is
+    RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, made if missing);
+    joining a cluster started with RAY_AUTH_MODE=token needs that cluster's token (README).
     Returns True when this call started Ray (and should shut it down)."""
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     ray.init(address=address, **kwargs)
     return True

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from pipeline import urls
-from pipeline.decode import DecodeError, decode
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
 from pipeline.shards import (Manifest, SampleError, ShardError, ShardInfo, load_manifest, manifest_dict,
                              parse_sample, read_tar, write_manifest)
 
@@ -61,12 +61,13 @@ class IndexedShard:
     bad: list[tuple[int, str, str]]   # (position, key, error)
 
 
-def index_shard(url: str, name: str, label_key: str | None = None, classes: Sequence[str] | None = None
-                ) -> IndexedShard:
+def index_shard(url: str, name: str, label_key: str | None = None, classes: Sequence[str] | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> IndexedShard:
     """Read one shard: count, bytes, sha256, label counts, and every sample that cannot be used.
 
     Each image is decoded with the plan's rule (``pipeline.decode``), so what passes here
-    decodes in the caching job and the student.
+    decodes in the caching job and the student; one over ``max_pixels`` is unusable (refused from
+    its header, not decoded).
 
     Raises:
         ShardError: a missing, truncated or unreadable shard (names it).
@@ -82,7 +83,7 @@ def index_shard(url: str, name: str, label_key: str | None = None, classes: Sequ
             raw = parse_sample(fields, key, info, position, check_sid=False, label_key=label_key,
                                class_index=class_index, num_classes=None if classes is None else len(classes))
             try:
-                decode(raw.data)
+                decode(raw.data, max_pixels=max_pixels)
             except DecodeError as exn:
                 raise SampleError(f"shard {name} key {key}: cannot decode {raw.ext}: {exn}") from None
         except SampleError as exn:
@@ -120,7 +121,8 @@ def _map(fn: Callable, args: list[tuple], workers: int, progress: Callable[[Iter
 
 def index_shards(patterns: str | Sequence[str], out: str, *, classes: Sequence[str] | None = None,
                  label_key: str | None = None, skip_bad: bool = False, split: str | None = None,
-                 workers: int = 1, progress: Callable[[Iterable], Iterable] | None = None) -> Manifest:
+                 workers: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Manifest:
     """Write ``<out>/manifest.json`` for the existing shards ``patterns`` (brace patterns allowed).
 
     Args:
@@ -134,6 +136,7 @@ def index_shards(patterns: str | Sequence[str], out: str, *, classes: Sequence[s
         split: the split's name (default: the last component of ``out``).
         workers: shards read in parallel (processes).
         progress: optional wrapper of the per-shard iteration (e.g. ``tqdm``).
+        max_pixels: a sample with a larger image is unusable (``pipeline.decode``).
 
     Returns:
         The loaded Manifest.
@@ -147,8 +150,8 @@ def index_shards(patterns: str | Sequence[str], out: str, *, classes: Sequence[s
     if not shard_urls:
         raise ValueError("index: no shard URLs given")
     names = shard_names(shard_urls)
-    found: list[IndexedShard] = _map(index_shard, [(u, n, label_key, classes) for u, n in zip(shard_urls, names)],
-                                     workers, progress)
+    found: list[IndexedShard] = _map(index_shard, [(u, n, label_key, classes, max_pixels)
+                                                   for u, n in zip(shard_urls, names)], workers, progress)
     bad = [(n, b) for n, f in zip(names, found) for b in f.bad]
     if bad and not skip_bad:
         name, (position, key, error) = bad[0]

@@ -169,6 +169,7 @@ def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
             mine[leaf] = theirs[leaf]
     defaults = json.loads(json.dumps(CacheJobConfig(shards="-", out="-").to_dict()))
     _drop_added_defaults(out["job"], stored.get("job", {}), defaults)
+    _drop_added_defaults(out["aug"], stored.get("aug", {}), defaults["aug"])   # e.g. aug.max_pixels
     return out
 
 

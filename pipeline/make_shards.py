@@ -24,8 +24,9 @@ The val folder must use class subfolders too (e.g. after ImageNet's valprep.sh).
 Sample order (= sample_id) is a seeded global shuffle (--shuffle-seed, default 0), so every
 shard holds a class-random mix; --keep-order keeps the source order (sorted class folder, then
 sorted relative path), and a warning says when the result is class-sorted.
-A corrupt or unreadable image stops the run with an error naming the file, unless
---skip-bad, which records it (path + error) under "skipped" in the manifest.
+A corrupt or unreadable image, or one over --max-pixels (default 64 MP, read from its header
+before decoding), stops the run with an error naming the file, unless --skip-bad, which records
+it (path + error) under "skipped" in the manifest.
 Each split is written to a temporary folder and moved into place when complete: a failed or
 killed run leaves no half-written split, and re-running the same command finishes the job
 (complete splits made by the same command are kept). On an object store (no rename) the
@@ -48,6 +49,7 @@ from tqdm import tqdm
 
 from pipeline import urls
 from pipeline.cli import add_debug_flag, plural, run_cli
+from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.index import __doc__ as index_doc
 from pipeline.index import default_workers, index_shards, padding
 from pipeline.shards import (MANIFEST_NAME, SourceSample, class_mix_warning, encode_png, load_manifest,
@@ -186,7 +188,7 @@ def _write_split(samples, out: str, split: str, classes, args, source: dict, tot
             return
     m = write_shards(samples, out, split, classes, args.shard_size, shuffle_seed=order["shuffle_seed"],
                      skip_bad=args.skip_bad, overwrite=args.overwrite, source=source,
-                     progress=_bar(split, total))
+                     progress=_bar(split, total), max_pixels=args.max_pixels)
     _print_summary(m)
 
 
@@ -203,8 +205,14 @@ def _index(args) -> None:
         return
     m = index_shards(args.shards, args.out, classes=classes, label_key=args.label_key, skip_bad=args.skip_bad,
                      split=args.split, workers=args.workers, progress=_bar("index", len(urls.expand(args.shards)),
-                                                                           "shard"))
+                                                                           "shard"), max_pixels=args.max_pixels)
     _print_summary(m)
+
+
+def add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"an image with more pixels (width x height, read from its header) is a bad sample, "
+                             f"refused before decoding (default {DEFAULT_MAX_PIXELS:,}; pipeline/decode.py)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -219,6 +227,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         sp.add_argument("--skip-bad", action="store_true",
                         help="record unreadable/corrupt images in manifest 'skipped' instead of failing")
         sp.add_argument("--overwrite", action="store_true", help="replace existing shards of the split(s)")
+        add_max_pixels(sp)
         sp.add_argument("--shuffle-seed", type=int, default=0,
                         help="seed of the global sample order written (default 0); see --keep-order")
         sp.add_argument("--keep-order", action="store_true",
@@ -256,6 +265,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     x.add_argument("--split", default=None, help="split name (default: the last component of --out)")
     x.add_argument("--workers", type=int, default=default_workers(), help="shards read in parallel")
     x.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    add_max_pixels(x)
     add_debug_flag(x)
     return p.parse_args(argv)
 

@@ -42,7 +42,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pipeline.config import ConfigBase, check
-from pipeline.decode import canonical_decodes
+from pipeline.decode import DEFAULT_MAX_PIXELS, canonical_decodes
 from pipeline.randaugment import apply_op, parse_rand_augment
 
 # Domain tags keep the per-sample and per-shard streams apart even for equal integers.
@@ -80,7 +80,8 @@ class AugConfig(ConfigBase):
     training configs (eval is never cached), so it changes no cached row.
     ``auto_augment`` None or "" disables RandAugment; only ``rand-...`` strings are
     supported.  ``mixup_alpha = cutmix_alpha = 0`` or ``mix_prob = 0`` disables mixing.
-    ``exif_transpose`` is the decoding rule (``pipeline.decode``): apply EXIF orientation.
+    ``exif_transpose`` and ``max_pixels`` are the decoding rule (``pipeline.decode``): apply EXIF
+    orientation; refuse an image with more pixels (from its header, before decoding) as a bad sample.
     """
 
     scale: tuple[float, float] = (0.08, 1.0)
@@ -99,6 +100,7 @@ class AugConfig(ConfigBase):
     enabled: bool = True
     exif_transpose: bool = True
     eval_resize: str = "crop"
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
@@ -118,6 +120,8 @@ class AugConfig(ConfigBase):
             check(isinstance(value, (int, float)) and value >= 0.0, name, f"must be >= 0, found {value!r}")
         check(self.eval_resize in EVAL_RESIZES, "eval_resize",
               f"one of {EVAL_RESIZES}, found {self.eval_resize!r}")
+        check(isinstance(self.max_pixels, int) and self.max_pixels > 0, "max_pixels",
+              f"a positive pixel count (width x height), found {self.max_pixels!r}")
         check(self.re_mode in _RE_MODES, "re_mode", f"one of {_RE_MODES}, found {self.re_mode!r}")
         check(len(self.mean) == 3, "mean", f"3 values, found {self.mean}")
         check(len(self.std) == 3 and all(s > 0 for s in self.std), "std", f"3 positive values, found {self.std}")
@@ -547,8 +551,11 @@ def fingerprint(cfg: AugConfig) -> str:
     Covers decoding (``pipeline.decode.canonical_decodes``), sample_params, apply (every
     RandAugment op, erase), mix, soft_label at FINGERPRINT_SIZE px and the mix-pairing rule,
     so a config change or a library upgrade that changes pixels changes the fingerprint.
+    ``max_pixels`` is left out: it decides which images are refused as bad, not the pixels of
+    any other; a refused row is marked invalid in the cache and the student drops invalid rows
+    and rows it cannot decode, so caches made under another limit (or before it) stay valid.
     """
-    described = cfg.to_dict()
+    described = {k: v for k, v in cfg.to_dict().items() if k != "max_pixels"}
     if cfg.enabled or cfg.eval_resize == "crop":
         # Training rows never read eval_resize, and "crop" is the transform fingerprinted before
         # the option existed: leaving it out keeps every existing cache's fingerprint.

@@ -53,7 +53,7 @@ def premix(samples: Sequence[RawSample], cfg: AugConfig, seed: int, epoch: int, 
     out = []
     for raw in samples:
         try:
-            image = decode_image(raw, cfg.exif_transpose)
+            image = decode_image(raw, cfg.exif_transpose, cfg.max_pixels)
         except SampleError as exn:
             out.append(Premix(raw.sample_id, (), [], str(exn), os.getpid()))
             continue

@@ -108,7 +108,7 @@ def replay_items(
             return made[sid]
         if sid not in decoded:
             try:
-                decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose)
+                decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose, cfg.max_pixels)
             except SampleError as exn:
                 decoded[sid] = exn
         return decoded[sid]
@@ -181,7 +181,7 @@ def replay_row(by_id: dict[int, RawSample], shard: ShardInfo, cfg: AugConfig, se
     def image_of(sid: int):
         if sid not in decoded:
             try:
-                decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose)
+                decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose, cfg.max_pixels)
             except SampleError as exn:
                 decoded[sid] = exn
         return decoded[sid]

@@ -57,7 +57,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline import urls
-from pipeline.decode import DecodeError, decode, to_rgb
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, to_rgb
 from pipeline.urls import file_sha256  # noqa: F401  (re-exported: teacher checkpoints are hashed with it)
 
 MANIFEST_NAME = "manifest.json"
@@ -421,14 +421,14 @@ def read_shard(manifest: Manifest, shard: ShardInfo, verify: bool = False) -> li
     return samples
 
 
-def decode_image(raw: RawSample, exif_transpose: bool = True) -> Image.Image:
+def decode_image(raw: RawSample, exif_transpose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode a sample's bytes into 8-bit RGB (``pipeline.decode.decode``); SampleError naming
-    shard/key, also for a sample the manifest lists as bad."""
+    shard/key, also for a sample the manifest lists as bad or one over ``max_pixels``."""
     if raw.error is not None:
         raise SampleError(f"shard {raw.shard or '?'} key {raw.key} (sample_id {raw.sample_id}): listed as bad "
                           f"in the manifest: {raw.error}", shard=raw.shard, key=raw.key)
     try:
-        return decode(raw.data, exif_transpose)
+        return decode(raw.data, exif_transpose, max_pixels)
     except DecodeError as exn:
         raise SampleError(f"shard {raw.shard or '?'} key {raw.key} (sample_id {raw.sample_id}): "
                           f"cannot decode {raw.ext}: {exn}", shard=raw.shard, key=raw.key) from exn
@@ -441,16 +441,17 @@ def sanitize_key(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", key)
 
 
-def encode_for_shard(data: bytes, origin: str) -> tuple[bytes, str]:
+def encode_for_shard(data: bytes, origin: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
     """Validate encoded image bytes by decoding them the plan's way; return (bytes, ext).
 
     JPEG, PNG and WebP bytes are kept as they are (the ImageNet convention); any other format
     Pillow reads (TIFF, BMP, PPM, GIF, ...) is re-encoded as lossless PNG in its own mode where
     PNG has one (16-bit gray, alpha, palette stay), with the EXIF orientation applied, because
-    the PNG loses the tag. Raises SampleError naming ``origin`` if the image cannot be decoded.
+    the PNG loses the tag. Raises SampleError naming ``origin`` if the image cannot be decoded
+    or has more than ``max_pixels`` pixels (checked from its header, before decoding).
     """
     try:
-        decode(data)  # the same rule the replay applies: what passes here decodes there
+        decode(data, max_pixels=max_pixels)  # the same rule the replay applies: what passes here decodes there
         with Image.open(io.BytesIO(data)) as im:
             ext = _KEPT_FORMATS.get(im.format)
             if ext is not None:
@@ -595,6 +596,7 @@ def write_shards(
     source: Any = None,
     overwrite: bool = False,
     progress: Callable[[Iterable], Iterable] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Manifest:
     """Write ``samples`` as ``<out_dir>/<split>/<split>-%06d.tar`` shards plus ``manifest.json``.
 
@@ -619,6 +621,8 @@ def write_shards(
         source: free-form description of the source, stored in the manifest.
         overwrite: replace an existing split.
         progress: optional wrapper for the sample iterator (e.g. ``tqdm``).
+        max_pixels: an image with more pixels is a bad sample (``pipeline.decode``, refused
+            from its header).
 
     Returns:
         The loaded Manifest.
@@ -661,7 +665,7 @@ def write_shards(
                         data = Path(s.path).read_bytes()
                     except OSError as exn:
                         raise SampleError(f"{s.path}: cannot read: {exn}", path=s.path) from exn
-                data, ext = encode_for_shard(data, s.path)
+                data, ext = encode_for_shard(data, s.path, max_pixels)
             except SampleError as exn:
                 if not skip_bad:
                     raise

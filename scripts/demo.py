@@ -18,6 +18,7 @@ Steps (each a CLI of the project, run as a subprocess with its log under OUT/log
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import os
@@ -27,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,8 +133,7 @@ def run_step(name: str, cmd: list[str], cfg: DemoConfig, stdout: Path | None = N
     """
     log_path = Path(cfg.out) / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads),
-               RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads), PYTHONUNBUFFERED="1")
     print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     echo = _Echo(name)
@@ -497,6 +498,12 @@ def main(argv: list[str] | None = None) -> dict:
                       args.overrides + ([f"out={args.out}"] if args.out else []))
     import torch
 
+    from pipeline.ray_env import private_ray_env
+
+    # The demo's Ray: a fresh local instance with token auth and a token of its own (not ~/.ray)
+    ray_dir = tempfile.mkdtemp(prefix="kdcache_demo_ray_")
+    atexit.register(shutil.rmtree, ray_dir, True)
+    os.environ.update(private_ray_env(ray_dir))
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out).resolve()
     cfg.out = str(out)

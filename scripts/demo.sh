@@ -14,5 +14,4 @@ if [ "${1:-}" = "--quick" ]; then
   config=configs/demo/quick.yaml
   shift
 fi
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 exec python scripts/demo.py --config "$config" "$@"

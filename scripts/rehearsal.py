@@ -29,12 +29,15 @@ from the environment), so the rehearsal also checks that every stage reads and w
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -54,7 +57,7 @@ VIEWS, BATCH = 3, 32
 def run(cmd: list[str], log: Path) -> None:
     """Run a CLI as a user would; its output goes to ``log`` (shown when it fails)."""
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     with open(log, "w") as f:
         proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -122,6 +125,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     py = sys.executable
+    from pipeline.ray_env import private_ray_env
+
+    # The rehearsal's Ray: a fresh local instance with token auth and a token of its own (not ~/.ray)
+    ray_dir = tempfile.mkdtemp(prefix="kdcache_rehearsal_ray_")
+    atexit.register(shutil.rmtree, ray_dir, True)
+    os.environ.update(private_ray_env(ray_dir))
 
     tree, classes = build_tree(out, size)
     shards = args.data or str(out / "shards")
@@ -133,6 +142,7 @@ def main(argv=None) -> int:
 
     cache = args.cache or str(out / "cache.zarr")
     run([py, "-m", "pipeline.cache", "--config", "configs/cache/imagenet_regnety160.yaml", "--no-progress",
+         "--ray-address", "local",
          f"shards={train_split}", f"out={cache}", f"epochs={size['epochs']}", f"views={VIEWS}",
          f"batch_size={BATCH}", "num_workers=1", "teacher.name=tf_efficientnet_lite0",
          f"teacher.checkpoint={lite0_weights_path()}"], out / "cache.log")

@@ -8,5 +8,4 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck disable=SC1091
 . "$root/scripts/setup.sh"
 cd "$root"
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 exec python scripts/rehearsal.py "$@"

@@ -5,7 +5,6 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck disable=SC1091
 . "$root/scripts/setup.sh"
 cd "$root"
-export RAY_AUTH_MODE=disabled
 set +e
 python -m pytest -q "$@"
 rc=$?

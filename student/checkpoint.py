@@ -3,7 +3,9 @@
 ``save_checkpoint(path, model=m, optimizer=o, scheduler=s, scaler=sc, ema=e, epoch=3, step=120,
 data={...})`` stores ``obj.state_dict()`` for every value that has one and the value itself
 otherwise. Written to a temporary file then ``os.replace``-d, so a crash never leaves a
-half-written checkpoint under the final name. Augmentation and data order need no RNG state
+half-written checkpoint under the final name. Only tensors, numbers, strings and containers
+are stored, and :func:`load_checkpoint` reads nothing else (``weights_only=True``): a checkpoint
+someone hands you cannot run code when it loads. Augmentation and data order need no RNG state
 (they are counter-based: seed, epoch, sample_id, view); the trainer adds :func:`rng_state`
 under ``rng`` itself, because stochastic depth draws from the global RNG of the device it runs on
 (CPU and every CUDA device), and restores it with :func:`set_rng_state`.
@@ -40,6 +42,8 @@ __all__ = [
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 BEST_NAME = "best.pt"
+# What torch.load(weights_only=True) reads besides containers; anything else would need unpickling.
+_PLAIN = (torch.Tensor, bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 
 
 class CheckpointError(RuntimeError):
@@ -59,6 +63,7 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
         k: (v.state_dict() if hasattr(v, "state_dict") and callable(v.state_dict) else v)
         for k, v in state.items()
     }
+    _check_allowlisted(payload, "state", path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -73,21 +78,47 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint (``weights_only=True`` first; falls back to full unpickling for
-    checkpoints holding non-tensor objects, which are our own files)."""
+    """Read a checkpoint with ``torch.load(weights_only=True)`` only: tensors, numbers, strings
+    and containers, so a downloaded file cannot run code while it loads (unpickling runs whatever
+    code the file names). Our own checkpoints hold nothing else (:func:`save_checkpoint` checks
+    that when it writes). There is no opt-in: a trusted file in another form is converted once
+    by hand (the error says how).
+
+    Raises CheckpointError naming the file when it is absent, unreadable, or not allowlisted.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: file not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # a non-allowlisted object: retry below
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))  # torch names the first global it refused
+        found = f"it names {found.group(1)}" if found else "a non-allowlisted object"
+        raise CheckpointError(
+            f"checkpoint {path}: refused, it holds more than tensors, numbers, strings and containers ({found}) "
+            f"and loading it would run code from the file; only if you trust its origin, convert it once: "
+            f"torch.save(torch.load('{path}', weights_only=False)['model'], 'weights.pt')") from None
     except Exception as e:  # truncated / not a torch file
         raise CheckpointError(f"checkpoint {path}: cannot read ({type(e).__name__}: {e})") from e
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: cannot read ({type(e).__name__}: {e})") from e
+
+
+def _check_allowlisted(value: Any, where: str, path: Path) -> None:
+    """Raise CheckpointError unless ``value`` loads under ``weights_only=True`` (key path named)."""
+    if isinstance(value, _PLAIN) or value is None:
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, _PLAIN):
+                raise CheckpointError(f"checkpoint {path}: key {where}[{k!r}] is a {type(k).__name__}")
+            _check_allowlisted(v, f"{where}[{k!r}]", path)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_allowlisted(v, f"{where}[{i}]", path)
+        return
+    raise CheckpointError(f"checkpoint {path}: {where} is a {type(value).__module__}.{type(value).__qualname__}; "
+                          "checkpoints hold only tensors, numbers, strings and containers (load_checkpoint "
+                          "would refuse it)")
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -140,6 +141,9 @@ def load_weights(model: nn.Module, path: str, model_name: str) -> None:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise TeacherLoadError(f"teacher {model_name}: checkpoint not found: {path}") from e
+    except pickle.UnpicklingError:  # weights_only refused a global: loading it would run the file's code
+        raise TeacherLoadError(f"teacher {model_name}: checkpoint {path} holds more than tensors, numbers, strings "
+                               f"and containers; refused, since loading it would run code from the file") from None
     sd = unwrap_state_dict(obj, path)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

@@ -6,10 +6,18 @@
 * ``rgb_shards``: such a tree (3 classes x 7 images) written as a ``train`` split, shard_size 8.
 * ``s3_endpoint``: a local S3 server (moto, 127.0.0.1) for the session, found through the
   environment as a user's own would be (``tests/servers.py``).
+
+Ray: for the whole session (this process, its subprocesses and their Ray workers) token
+authentication is on with a token made for the session in a temporary folder
+(``RAY_AUTH_TOKEN_PATH``; ``~/.ray`` is never read or written), and ``RAY_ADDRESS=local``, so
+every job the suite starts runs on a fresh local instance, never on a ``ray start`` cluster
+that happens to run on the machine. A test that joins a cluster names its address.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +27,28 @@ from PIL import Image
 from hygiene import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (hooks: no side effects)
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_RAY_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+_ray_saved: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    """Session Ray settings (module docstring), set before any test module is imported."""
+    from pipeline.ray_env import private_ray_env
+
+    _ray_saved.update({k: os.environ.get(k) for k in _RAY_ENV})
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(private_ray_env(tempfile.mkdtemp(prefix="kdcache_ray_auth_")))
+
+
+def pytest_unconfigure(config):
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    for key, value in _ray_saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if token and Path(token).name == "auth_token" and Path(token).parent.name.startswith("kdcache_ray_auth_"):
+        shutil.rmtree(Path(token).parent, ignore_errors=True)
 
 
 def build_imagefolder(root, classes=("cat", "dog", "eel"), per_class=4, size=(24, 18), seed=0):

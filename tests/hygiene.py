@@ -22,10 +22,13 @@ OPT_IN = "KDCACHE_CLUSTER_CHECK"
 
 
 def _home_files() -> dict[str, str]:
-    """sha256 of ~/.bashrc and of every file under ~/.ssh (absent files map to '-')."""
+    """sha256 of ~/.bashrc and of every file under ~/.ssh and ~/.ray (Ray's default token
+    file; the tests use their own token) (absent files map to '-')."""
     home = Path(os.path.expanduser("~"))
-    paths = [home / ".bashrc"] + (sorted(p for p in (home / ".ssh").rglob("*") if p.is_file())
-                                  if (home / ".ssh").is_dir() else [])
+    paths = [home / ".bashrc", home / ".ray" / "auth_token"]
+    for folder in (home / ".ssh", home / ".ray"):
+        if folder.is_dir():
+            paths += sorted(p for p in folder.rglob("*") if p.is_file() and p not in paths)
     out = {}
     for p in paths:
         try:

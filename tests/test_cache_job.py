@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from pipeline.audit import audit  # noqa: E402
@@ -37,7 +36,7 @@ TINY_TEACHER = dict(name="regnety_002", num_classes=10, input_size=32, stem_stri
 def ray_session():
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
                  log_to_driver=False)
     yield
     if started:
@@ -169,7 +168,7 @@ def test_driver_killed_rerun_redoes_only_unfinished(reference, tmp_path):
     total = cfg.epochs * len(m.shards)
     cmd = [sys.executable, "-m", "pipeline.cache", "--config", str(cfg_path), "--ray-address", "local",
            "--no-progress"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done = 0

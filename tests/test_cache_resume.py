@@ -4,13 +4,11 @@ difference is refused in one line that says which side is the run and which the 
 """
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 import torch
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from pipeline.cache import (CacheJobConfig, HINTS, PROG, cache_attrs, main, make_teacher,  # noqa: E402
@@ -68,8 +66,9 @@ def test_resume_under_another_spelling_then_nothing_to_do(ray_session, fmnist_sh
 
 
 def test_a_cache_made_before_a_config_field_existed_resumes_while_it_holds_its_default(fmnist_shards, tmp_path):
-    """``teacher.pretrained`` / ``pretrained_cfg_overlay`` came after caches were made: at their
-    defaults they change nothing, so such a cache resumes; set, they are a real difference."""
+    """``teacher.pretrained`` / ``pretrained_cfg_overlay`` / ``aug.max_pixels`` came after caches
+    were made: at their defaults they change nothing, so such a cache resumes; set, they are a real
+    difference. (``aug.max_pixels`` is not in the plan fingerprint either: students still match.)"""
     from pipeline.job import resume_attrs
     from storage import CacheMismatchError
 
@@ -82,10 +81,15 @@ def test_a_cache_made_before_a_config_field_existed_resumes_while_it_holds_its_d
     older = cache_attrs(cfg, manifest)
     for added in ("pretrained", "pretrained_cfg_overlay"):
         del older["job"]["teacher"][added]
+    del older["job"]["aug"]["max_pixels"], older["aug"]["max_pixels"]
     run_item(cfg, 0, 0, writer=open_writer(cfg, manifest, older), manifest=manifest)
 
     open_writer(cfg, manifest, resume_attrs(cfg, cache_attrs(cfg, manifest)))       # resumes
     assert "pretrained" not in open_cache(cfg.out).attrs["job"]["teacher"]
+    assert "max_pixels" not in open_cache(cfg.out).attrs["aug"]
+    with pytest.raises(CacheMismatchError, match="field aug"):
+        lower = cfg.replace(aug=cfg.aug.replace(max_pixels=10**6))
+        open_writer(lower, manifest, resume_attrs(lower, cache_attrs(lower, manifest)))
     with pytest.raises(CacheMismatchError, match="field job.teacher.compile"):       # other fields still count
         other = cfg.replace(teacher=cfg.teacher.replace(compile=True))
         open_writer(other, manifest, resume_attrs(other, cache_attrs(other, manifest)))

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from pipeline.audit import audit  # noqa: E402

@@ -21,7 +21,7 @@ PY = sys.executable
 
 def run(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "KDCACHE_DEBUG"}
-    full_env.update(PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled", **(env or {}))
+    full_env.update(PYTHONPATH=str(REPO), **(env or {}))
     return subprocess.run([PY, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
 
 

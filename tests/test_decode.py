@@ -3,10 +3,12 @@ the plan fingerprint, and applied when shards are written and replayed."""
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 import pipeline.decode as D
 from pipeline.plan import AugConfig, fingerprint
@@ -110,3 +112,85 @@ def test_fingerprint_covers_decoding(monkeypatch):
     assert fingerprint(AugConfig()) != base
     monkeypatch.undo()
     assert fingerprint(AugConfig()) == base
+
+
+def _big_png(width: int, height: int) -> bytes:
+    """A valid 8-bit gray PNG of ``width`` x ``height`` black pixels, made row by row (~KB of
+    zlib data for tens of MP): what a decompression bomb looks like."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0 + zero pixels
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Record every pixel decode (ImageFile.load): the limit must refuse before one."""
+    seen = []
+    load = ImageFile.ImageFile.load
+
+    def recording(self):
+        seen.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording)
+    return seen
+
+
+def test_pixel_limit_refuses_from_the_header_before_decoding(loads):
+    big = _big_png(10_000, 7_000)  # 70 MP: below PIL's own warning (89 MP), above the 64 MP default
+    assert len(big) < 200_000 and Image.open(io.BytesIO(big)).size == (10_000, 7_000)
+    with pytest.raises(D.ImageTooLargeError, match=r"PNG of 10000x7000 = 70\.0 MP exceeds the pixel limit of 64 MP"):
+        D.decode(big)
+    assert loads == []  # refused from the header: no pixel decoded
+    # a JPEG written by PIL, with the limit lowered below its size: refused too, and decodes when allowed
+    jpeg = _encode(Image.fromarray(_photo(60, 40)), "JPEG")
+    with pytest.raises(D.ImageTooLargeError, match="JPEG of 60x40"):
+        D.decode(jpeg, max_pixels=60 * 40 - 1)
+    assert loads == []
+    assert D.decode(jpeg, max_pixels=60 * 40).size == (60, 40) and loads and set(loads) == {(60, 40)}
+    loads.clear()
+    # the replay side names shard and key
+    raw = RawSample(sample_id=3, key="k3", label=0, data=big, ext="png", shard="train-000002.tar")
+    with pytest.raises(SampleError, match=r"shard train-000002.tar key k3 \(sample_id 3\): cannot decode png: .*pixel limit"):
+        decode_image(raw)
+    with pytest.raises(SampleError, match="pixel limit"):
+        encode_for_shard(big, "crawl/huge.png")
+    assert loads == []
+    with pytest.raises(Exception, match="max_pixels"):
+        AugConfig(max_pixels=0)
+
+
+def test_make_shards_and_index_record_an_oversized_image_as_bad(tmp_path, make_imagefolder):
+    import subprocess
+    import sys
+
+    from pipeline.index import index_shards
+    from pipeline.shards import load_manifest
+
+    src = make_imagefolder(tmp_path / "src")
+    huge = src / "dog" / "huge.png"
+    huge.write_bytes(_big_png(10_000, 7_000))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "pipeline.make_shards", "imagefolder", "--train-dir", str(src), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode != 0 and str(huge) in r.stderr and "pixel limit" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["--skip-bad"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(out / "train")
+    assert [s["path"] for s in m.skipped] == [str(huge)] and "pixel limit of 64 MP" in m.skipped[0]["error"]
+    # --max-pixels raises the limit (the image then goes in as it is)
+    r = subprocess.run(cmd + ["--max-pixels", "80000000", "--overwrite", "--shard-size", "50"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(out / "train")
+    assert not m.skipped and m.num_samples == 13
+    # indexing someone else's shards: the same image is an unusable sample, listed with --skip-bad
+    with pytest.raises(SampleError, match="pixel limit"):
+        index_shards(str(out / "train" / "train-000000.tar"), str(tmp_path / "idx"))
+    m = index_shards(str(out / "train" / "train-000000.tar"), str(tmp_path / "idx"), skip_bad=True)
+    assert [b["error"] for b in m.bad_samples() if "pixel limit" in b["error"]]

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow,
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "KDCACHE_DEBUG"}
     # `python` in the README's commands is this interpreter; the package is this checkout
-    env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO),
+    env.update(PYTHONPATH=str(REPO),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     return env
 

@@ -15,7 +15,6 @@ from collections import Counter
 import numpy as np
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pipeline import premix as premix_module  # noqa: E402
 from pipeline.feed import ItemFeed  # noqa: E402
@@ -221,7 +220,8 @@ def ray_session():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+                 log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 wds = pytest.importorskip("webdataset")
 

@@ -26,7 +26,6 @@ import pytest
 import timm
 import torch
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from pipeline.audit import audit  # noqa: E402
@@ -190,7 +189,8 @@ def tag_cache(fmnist_shards, teacher_files, tmp_path_factory, offline_hub):
     relative = os.path.relpath(file)
     by_tag = CacheJobConfig.from_dict({**common, "out": str(root / "tag.zarr"),
                                        "teacher": pretrained_teacher(relative)})
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
+             log_to_driver=False)
     try:
         run_job(by_tag, progress=False)
     finally:

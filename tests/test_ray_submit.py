@@ -5,8 +5,9 @@ single-node Ray cluster from configs/teacher_cache.yaml, submits pipeline/cache.
 Fashion-MNIST job, checks every (epoch, shard) item is done, tears the cluster down and checks
 no Ray process of it is left.
 
-It changes the machine (installs and starts sshd, adds a key to ~/.ssh/authorized_keys), so it
-runs only when opted in: ``KDCACHE_CLUSTER_CHECK=1 bash scripts/test.sh`` (``.ci/run`` does).
+With the cluster file's token auth on, it also checks that a client without the token is refused.
+It changes the machine while it runs (installs and starts sshd, authorizes a key for root login,
+edits ~/.bashrc; all but the install undone on exit), so it runs only when opted in: ``KDCACHE_CLUSTER_CHECK=1 bash scripts/test.sh`` (``.ci/run`` does).
 Skipped otherwise, and when sshd cannot be installed or started (exit 77).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def test_ray_submit_end_to_end(tmp_path):
         pytest.skip("opt-in: changes the machine (sshd, ~/.ssh); run with KDCACHE_CLUSTER_CHECK=1")
     if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
         pytest.skip("Fashion-MNIST IDX files not found (Debian package fashion-mnist)")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "KDCACHE_RAY_CHECK_DIR": str(tmp_path)}
+    env = {**os.environ, "KDCACHE_RAY_CHECK_DIR": str(tmp_path)}  # the script sets its own Ray auth
     proc = subprocess.run(["bash", str(REPO / "scripts" / "ray_submit_check.sh")], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode == SKIP:

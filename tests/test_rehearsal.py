@@ -22,7 +22,7 @@ def test_quick_rehearsal_passes_every_check(tmp_path, s3_endpoint):
     from servers import new_bucket
 
     data = new_bucket("kdcache-rehearsal") + "/imagenet-wds"
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "scripts/rehearsal.py", "--quick", "--out", str(tmp_path), "--data", data,
                            "--cache", f"{data}/cache.zarr"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)

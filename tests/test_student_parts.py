@@ -1,6 +1,7 @@
 """Student building blocks: models, optim/schedule/EMA, checkpoint, evaluate, metrics."""
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from student.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     restore,
+    rng_state,
     save_checkpoint,
 )
 from student.evaluate import evaluate
@@ -166,6 +168,44 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="optimizer"):
         restore({"model": {}}, bad, optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1))
+
+
+class _Payload:
+    """Unpickling this runs code: it creates ``marker`` (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_load_checkpoint_refuses_a_pickle_payload_without_running_it(tmp_path):
+    marker = tmp_path / "payload_ran"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 1, "extra": _Payload(marker)}, hostile)
+    legacy = tmp_path / "legacy.pt"  # the pre-zip torch format: a bare pickle stream
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, legacy,
+               _use_new_zipfile_serialization=False)
+    for path in (hostile, legacy):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        assert not marker.exists(), f"loading {path.name} ran the payload"
+        msg = str(err.value)
+        assert str(path) in msg and "refused" in msg and "\n" not in msg
+    # the payload is real: full unpickling runs it (what load_checkpoint never does)
+    torch.load(hostile, weights_only=False)
+    assert marker.exists()
+
+
+def test_save_checkpoint_stores_only_allowlisted_types(tmp_path):
+    with pytest.raises(CheckpointError, match=r"c\.pt: state\['data'\]\['when'\] is a pathlib"):
+        save_checkpoint(tmp_path / "c.pt", epoch=1, data={"when": Path("/x")})
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temp file
+    model = _tiny()
+    save_checkpoint(tmp_path / "ok.pt", model=model, optimizer=build_optimizer(model, lr=1e-3), rng=rng_state(),
+                    config={"a": [1, 2.5, None, "s"]}, size=torch.Size([2]))
+    assert load_checkpoint(tmp_path / "ok.pt")["config"] == {"a": [1, 2.5, None, "s"]}
 
 
 # --- evaluate -----------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Teacher: loading local weights (and refusing bad ones), scoring, real EfficientNet-Lite0 weights."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import timm
 import torch
-import pytest
 
 from pipeline.config import ConfigError
 from teacher import TeacherConfig, TeacherLoadError, build_teacher
@@ -63,6 +65,21 @@ def test_refuses_mismatched_state_dict_naming_keys(tiny_ckpt, tmp_path):
         build_teacher(TeacherConfig(name=TINY, checkpoint=str(tiny_ckpt[0]), num_classes=7))
     with pytest.raises(TeacherLoadError, match="checkpoint not found"):
         build_teacher(_cfg(tmp_path / "nope.pth"))
+
+
+class _Payload:
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (Path.touch, (self.marker,))
+
+
+def test_refuses_a_teacher_file_carrying_code_without_running_it(tiny_ckpt, tmp_path):
+    payload = _Payload()
+    payload.marker = tmp_path / "payload_ran"
+    path = tmp_path / "hostile.pth"
+    torch.save({"model": tiny_ckpt[1], "extra": payload}, path)
+    with pytest.raises(TeacherLoadError, match=f"checkpoint {path} holds more than tensors.*refused"):
+        build_teacher(_cfg(path))
+    assert not payload.marker.exists()
 
 
 def test_score_sorted_topk_and_lse(tiny_ckpt):
