@@ -15,7 +15,10 @@ or one CPU each on a laptop) runs :func:`pipeline.work.run_item` on them. Each a
 its replay workers for its whole life (``num_workers`` processes beside it, or Ray tasks on
 any node with ``replay: ray``), and every call names the actor's next item, which is replayed
 while the teacher scores the current one. An actor that dies (OOM, node loss, ``os._exit``,
-a replay worker lost) is re-created and its item resubmitted, up to ``max_retries`` times.
+a replay worker lost) hands its item back to the queue for the next free live actor, up to
+``max_retries`` times per item; a replacement actor is requested but receives work only once it
+is up, so a replacement that cannot be placed (the lost node held the only free GPU) never holds
+an item: the job finishes on the survivors and reports the actors lost and items retried.
 Data errors (truncated tar, missing shard) are not retried: the job finishes every other
 item and then raises :class:`CacheJobError` naming the shards.
 """
@@ -183,42 +186,125 @@ class _Tally:
     retries: int = 0
     startup: float = 0.0
     calibration: float = 0.0
+    actors_lost: int = 0              # actors that died (their items went back to the queue)
+    actors_replaced: int = 0          # replacements that came up (and took work if any was left)
+    replacements_cancelled: int = 0   # replacements still starting (unplaceable?) when the job ended
     skipped: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     results: list = field(default_factory=list)
 
 
 class _Slots:
-    """Work items to actor slots: one call in flight per slot.
+    """Work items to teacher actors: one call in flight per live actor.
 
-    Each call also names the slot's *next* item (taken from the queue now), which the actor
+    Each call also names the actor's *next* item (taken from the queue now), which the actor
     replays while its teacher scores the current one; that item is the slot's next call.
-    A slot whose actor died gets a fresh actor; its item and its next item go back to the
-    front of the queue.
+
+    When an actor dies (OOM, its node lost, a replay worker lost) its item and next item go back
+    to the front of the queue at once, for the next free live actor, and a replacement actor is
+    requested for the slot. A replacement only gets work once it has answered ``pid``: its
+    ``starting`` ref is waited on in the same ``ray.wait`` as the running calls, so live actors
+    never wait on it (it may not be placeable at all: the lost node held the only free GPU/CPU,
+    or a preempted node takes long to return). The job waits for a replacement only while no
+    actor is alive. Replacements still starting when the last item is done are killed
+    (:meth:`close`).
     """
 
-    def __init__(self, todo: list, new_actor, n_actors: int):
+    def __init__(self, todo: list, new_actor, n_actors: int, max_start_failures: int):
         self.queue, self.new_actor = deque(todo), new_actor
         self.actors = [new_actor() for _ in range(n_actors)]
+        self.live = [True] * n_actors      # False: a replacement is starting, or the slot gave up
         self.next: list[tuple[int, int] | None] = [None] * n_actors
+        self.busy = [False] * n_actors
         self.running: dict[Any, tuple[int, tuple[int, int]]] = {}  # ref -> (slot, item)
+        self.starting: dict[Any, int] = {}                          # replacement's pid ref -> slot
+        self.start_failures = [0] * n_actors
+        self.max_start_failures = max_start_failures
+        self.lost = self.replaced = 0
 
     def submit(self, slot: int) -> None:
+        """Give ``slot``'s live actor its next item (if any is left) with the one after as prefetch."""
         item, self.next[slot] = self.next[slot], None
         if item is None and self.queue:
             item = self.queue.popleft()
         if item is None:
+            self.busy[slot] = False
             return
         self.next[slot] = self.queue.popleft() if self.queue else None
         self.running[self.actors[slot].run.remote(*item, prefetch=self.next[slot])] = (slot, item)
+        self.busy[slot] = True
 
-    def restart(self, slot: int, item: tuple[int, int] | None) -> None:
+    def fill(self) -> None:
+        """Hand queued items to every live actor without a call in flight."""
+        for slot, live in enumerate(self.live):
+            if live and not self.busy[slot] and self.queue:
+                self.submit(slot)
+
+    def waiting_on(self) -> list:
+        """The refs the job waits on: running calls and starting replacements; empty when done.
+
+        A replacement still starting is waited on only while items are queued; none at all
+        once every item is done, or when no actor can take the queue (see :meth:`stranded`)."""
+        if self.running:
+            return list(self.running) + list(self.starting)
+        return list(self.starting) if self.queue else []
+
+    def stranded(self) -> list[tuple[int, int]]:
+        """Queued items no actor can ever take (every slot gave up on its replacements)."""
+        if self.running or self.starting or any(self.live):
+            return []
+        items, self.queue = list(self.queue), deque()
+        return items
+
+    def died(self, slot: int, item: tuple[int, int] | None) -> None:
+        """``slot``'s actor died running ``item`` (None: the item is not retried): requeue, replace."""
         for back in (self.next[slot], item):
             if back is not None:
                 self.queue.appendleft(back)
-        self.next[slot] = None
+        self.next[slot], self.busy[slot], self.live[slot] = None, False, False
+        self.lost += 1
+        self._replace(slot)
+        self.fill()  # the requeued items go to a live actor now, not to the replacement
+
+    def _replace(self, slot: int) -> None:
+        import ray
+
+        try:
+            ray.kill(self.actors[slot], no_restart=True)  # the old handle: make sure it is gone
+        except Exception:
+            pass
         self.actors[slot] = self.new_actor()
+        self.starting[self.actors[slot].pid.remote()] = slot
+
+    def on_started(self, ref) -> str | None:
+        """A replacement answered (or died starting): it takes work now, or is replaced again.
+        Returns the error when the slot gave up (``max_start_failures`` starts in a row died)."""
+        import ray
+
+        slot = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            self.start_failures[slot] += 1
+            self.lost += 1
+            if self.start_failures[slot] > self.max_start_failures:
+                return f"replacement actor died {self.start_failures[slot]} times starting: {err}"
+            self._replace(slot)
+            return None
+        self.start_failures[slot], self.live[slot] = 0, True
+        self.replaced += 1
         self.submit(slot)
+        return None
+
+    def close(self) -> int:
+        """Kill every actor, live or still starting; returns how many replacements were still starting."""
+        import ray
+
+        cancelled = len(self.starting)
+        for actor in self.actors:
+            ray.kill(actor)
+        self.starting.clear()
+        return cancelled
 
 
 def _run_items(cfg: CacheJobConfig, attrs: dict, todo: list, fault_marker: str | None, progress: bool,
@@ -231,50 +317,70 @@ def _run_items(cfg: CacheJobConfig, attrs: dict, todo: list, fault_marker: str |
     n_actors, options = _auto_actors(cfg)
     actor_cls = ray.remote(TeacherWorker).options(**options)
     cfg_dict = cfg.to_dict()
-    slots = _Slots(todo, lambda: actor_cls.remote(cfg_dict, attrs, fault_marker), min(n_actors, len(todo)))
+    slots = _Slots(todo, lambda: actor_cls.remote(cfg_dict, attrs, fault_marker), min(n_actors, len(todo)),
+                   max_start_failures=cfg.max_retries)
     try:  # a teacher that cannot be built is a config error: fail now, do not retry
         ray.get([a.pid.remote() for a in slots.actors])
     except ray.exceptions.RayActorError as err:
         raise CacheJobError(f"{cfg.out}: could not start a teacher actor: {err}") from None
     tally.startup = time.perf_counter() - t0
-    # the tail basis is global: one actor fits it before any item is handed out (once per cache)
-    ray.get(slots.actors[0].calibrate.remote())
+    # the tail basis is global: one actor fits it before any item is handed out (once per cache);
+    # another one does if it dies meanwhile (its first item then fails over like any other)
+    for i, actor in enumerate(slots.actors):
+        try:
+            ray.get(actor.calibrate.remote())
+            break
+        except ray.exceptions.RayActorError:
+            if i == len(slots.actors) - 1:
+                raise
     tally.calibration = time.perf_counter() - t0 - tally.startup
     attempts: dict[tuple[int, int], int] = {}
-    for slot in range(len(slots.actors)):
-        slots.submit(slot)
     bar = tqdm(total=len(todo), unit="item", disable=not progress, file=sys.stderr, desc=f"caching {cfg.out}")
-    while slots.running:
-        (ref,), _ = ray.wait(list(slots.running), num_returns=1)
-        slot, item = slots.running.pop(ref)
-        try:
-            res = ray.get(ref)
-        except ray.exceptions.RayActorError as err:
-            attempts[item] = attempts.get(item, 0) + 1
-            if attempts[item] > cfg.max_retries:
-                tally.failed.append({"epoch": item[0], "shard": item[1],
-                                     "error": f"actor died {attempts[item]} times: {err}"})
-                item = None
-            else:
-                tally.retries += 1
-            slots.restart(slot, item)  # the old actor is gone; start over on this slot
-            continue
-        except ray.exceptions.RayTaskError as err:
-            # data errors (truncated/missing shard) are deterministic: do not retry
-            cause = err.cause if getattr(err, "cause", None) is not None else err
-            tally.failed.append({"epoch": item[0], "shard": item[1], "error": f"{type(cause).__name__}: {cause}"})
+    try:
+        while True:
+            slots.fill()  # nothing queued may wait while a live actor is idle
+            for item in slots.stranded():
+                tally.failed.append({"epoch": item[0], "shard": item[1], "error": "no teacher actor left to run it"})
+            waiting = slots.waiting_on()
+            if not waiting:
+                break
+            (ref,), _ = ray.wait(waiting, num_returns=1)
+            if ref in slots.starting:
+                gave_up = slots.on_started(ref)
+                if gave_up:
+                    print(f"{cfg.out}: an actor slot is closed: {gave_up}", file=sys.stderr)
+                continue
+            slot, item = slots.running.pop(ref)
+            try:
+                res = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                attempts[item] = attempts.get(item, 0) + 1
+                if attempts[item] > cfg.max_retries:
+                    tally.failed.append({"epoch": item[0], "shard": item[1],
+                                         "error": f"actor died {attempts[item]} times: {err}"})
+                    bar.update(1)
+                    item = None
+                else:
+                    tally.retries += 1
+                slots.died(slot, item)  # requeued for a live actor; a replacement is requested
+                continue
+            except ray.exceptions.RayTaskError as err:
+                # data errors (truncated/missing shard) are deterministic: do not retry
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                tally.failed.append({"epoch": item[0], "shard": item[1], "error": f"{type(cause).__name__}: {cause}"})
+                bar.update(1)
+                slots.submit(slot)
+                continue
+            tally.results.append(res)
+            tally.images += res["images"]
+            tally.skipped.extend(res["skipped"])
             bar.update(1)
+            bar.set_postfix_str(f"{tally.images / max(time.perf_counter() - t0, 1e-9):.1f} img/s")
             slots.submit(slot)
-            continue
-        tally.results.append(res)
-        tally.images += res["images"]
-        tally.skipped.extend(res["skipped"])
-        bar.update(1)
-        bar.set_postfix_str(f"{tally.images / max(time.perf_counter() - t0, 1e-9):.1f} img/s")
-        slots.submit(slot)
-    bar.close()
-    for actor in slots.actors:
-        ray.kill(actor)
+    finally:
+        bar.close()
+        tally.replacements_cancelled = slots.close()
+        tally.actors_lost, tally.actors_replaced = slots.lost, slots.replaced
     return tally
 
 
@@ -297,7 +403,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     writer = open_writer(cfg, manifest, attrs)
     todo, done_before = pending_items(writer, cfg.epochs, len(manifest.shards))
     if not todo:  # nothing to run: summary.json keeps the figures of the run that did the work
-        return _summarize(cfg, manifest, done_before, todo, [], 0, 0.0, 0, [], [])
+        return _summarize(cfg, manifest, done_before, _Tally(), 0.0)
     fault_marker = fault_marker or os.environ.get(FAULT_ENV) or None
 
     started_ray = connect_ray(address)
@@ -312,8 +418,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
 
     seconds = time.perf_counter() - t0
     failed = tally.failed
-    summary = _summarize(cfg, manifest, done_before, todo, tally.results, tally.images, seconds,
-                         tally.retries, tally.skipped, failed, tally.startup, tally.calibration)
+    summary = _summarize(cfg, manifest, done_before, tally, seconds)
     summary["summary_path"] = write_summary(cfg, summary)
     if failed:
         lines = "\n".join(f"  epoch {f['epoch']} shard {f['shard']}: {f['error']}" for f in failed)
@@ -322,8 +427,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     return summary
 
 
-def _summarize(cfg, manifest, done_before, todo, results, images, seconds, retries,
-               skipped, failed, startup: float = 0.0, calibration: float = 0.0) -> dict:
+def _summarize(cfg: CacheJobConfig, manifest, done_before: int, tally: _Tally, seconds: float) -> dict:
     from storage import open_cache
 
     reader = open_cache(cfg.out)
@@ -331,13 +435,19 @@ def _summarize(cfg, manifest, done_before, todo, results, images, seconds, retri
     total_bytes = reader.bytes_on_disk()
     # skipped rows of items done in earlier runs are in the cache's missing records
     all_missing = list(reader.missing_records())
+    images, startup, calibration = tally.images, tally.startup, tally.calibration
     return {
         "cache": cfg.out,
         "items_total": cfg.epochs * len(manifest.shards),
         "items_done_before": done_before,
-        "items_run": len(results),
-        "items_failed": failed,
-        "retries": retries,
+        "items_run": len(tally.results),
+        "items_failed": tally.failed,
+        "retries": tally.retries,
+        # failover: actors that died (node lost, OOM, ...), replacements that came up,
+        # and replacements still waiting for a place when the last item was done (killed then)
+        "actors_lost": tally.actors_lost,
+        "actors_replaced": tally.actors_replaced,
+        "replacements_cancelled": tally.replacements_cancelled,
         "images": images,
         "seconds": round(seconds, 3),
         "images_per_s": round(images / seconds, 2) if seconds > 0 else 0.0,
@@ -350,9 +460,9 @@ def _summarize(cfg, manifest, done_before, todo, results, images, seconds, retri
         "rows": rows,
         "bytes_on_disk": total_bytes,
         "bytes_per_row": round(total_bytes / rows, 3) if rows else 0.0,
-        "skipped": skipped,
+        "skipped": tally.skipped,
         "skipped_total_in_cache": len(all_missing),
-        "items": sorted([[r["epoch"], r["shard_index"]] for r in results]),
+        "items": sorted([[r["epoch"], r["shard_index"]] for r in tally.results]),
     }
 
 
@@ -366,6 +476,12 @@ def report(summary: dict) -> str:
              f"{summary['seconds']:.0f} s, {summary['images_per_s']:.0f} img/s")
     skipped = len(summary["skipped"])
     text += f", {plural(skipped, 'sample')} skipped)" if skipped else ")"
+    lost = summary.get("actors_lost", 0)
+    if lost:  # failover: say what was lost and what it cost
+        text += (f"; {plural(lost, 'actor')} lost, {plural(summary['retries'], 'item')} retried, "
+                 f"{summary['actors_replaced']} replaced")
+        if summary["replacements_cancelled"]:
+            text += f", {plural(summary['replacements_cancelled'], 'replacement')} never placed"
     return text + f"; summary in {summary['summary_path']}"
 
 

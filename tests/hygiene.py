@@ -64,6 +64,39 @@ def marked_processes(mark: str) -> list[str]:
     return found
 
 
+def session_processes(sid: int) -> list[str]:
+    """'pid cmdline' of live processes (not zombies) in session ``sid``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) != sid or fields[0] == "Z":
+                continue
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError, ValueError):
+            continue
+        found.append(f"{proc.name} {cmd[:160]}")
+    return found
+
+
+def wait_session_gone(sid: int, timeout: float = 60.0) -> list[str]:
+    """Wait until no process of session ``sid`` runs; returns those still running at ``timeout``.
+
+    A job started with ``start_new_session=True`` and killed with ``killpg`` may leave processes
+    behind for a while: Ray's raylet puts each worker (the job's actors) in a process group of its
+    own, in the driver's session, and such a worker exits only once it notices its raylet is gone,
+    after finishing whatever it was writing.
+    """
+    deadline = time.time() + timeout
+    left = session_processes(sid)
+    while left and time.time() < deadline:
+        time.sleep(0.2)
+        left = session_processes(sid)
+    return left
+
+
 def pytest_sessionstart(session) -> None:
     # a fresh mark per session: a pytest run inside a test only answers for its own processes
     previous, mark = os.environ.get(MARK), uuid.uuid4().hex

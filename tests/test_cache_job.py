@@ -20,6 +20,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from hygiene import wait_session_gone  # noqa: E402
 from pipeline.audit import audit  # noqa: E402
 from pipeline.cache import CacheJobConfig, CacheJobError, run_job  # noqa: E402
 from pipeline.shards import ShardError, load_manifest  # noqa: E402
@@ -187,9 +188,15 @@ def test_driver_killed_rerun_redoes_only_unfinished(reference, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        # the actors are not in the driver's process group (see hygiene.wait_session_gone): count
+        # the done items once they are gone too
+        left = wait_session_gone(proc.pid, timeout=60)
+    assert not left, f"the killed job's processes still run after 60 s: {left}"
+    r = open_cache(cfg2.out)
+    done = sum(r.is_done(e, s) for e in range(cfg.epochs) for s in range(len(m.shards)))
     assert 1 <= done < total, f"could not kill the driver mid-job (done={done}): {proc.stderr.read()[-2000:]}"
     summary = run_job(cfg2, progress=False)
-    assert summary["items_done_before"] >= done
+    assert summary["items_done_before"] == done
     assert summary["items_run"] == total - summary["items_done_before"] < total
     assert_same_rows(cfg.out, cfg2.out)
 

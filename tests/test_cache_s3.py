@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray")
 from pipeline.audit import audit  # noqa: E402
 from pipeline.cache import CacheJobConfig, run_job  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
+from hygiene import wait_session_gone  # noqa: E402
 from servers import new_bucket  # noqa: E402
 from storage import open_cache  # noqa: E402
 from student.train import train  # noqa: E402
@@ -47,6 +48,18 @@ def _versions(endpoint: str, prefix: str) -> dict[str, list[str]]:
 def _item_keys(versions: dict, epoch: int, shard: int) -> dict:
     """The objects one (epoch, shard) item wrote: its chunk of every row array and its done marker."""
     return {k: v for k, v in versions.items() if f"/c/{epoch}/{shard}" in k}
+
+
+def _settled_done_items(cache: str, quiet_s: float = 1.0) -> set:
+    """The cache's done items once they stop changing for ``quiet_s`` (a request a dead writer sent
+    may still be served by the S3 server a moment later)."""
+    done, since = open_cache(cache).done_items(), time.time()
+    while time.time() - since < quiet_s:
+        time.sleep(0.2)
+        now = open_cache(cache).done_items()
+        if now != done:
+            done, since = now, time.time()
+    return done
 
 
 def test_cache_job_on_s3_resumes_untouched_and_serves_a_student(fmnist_shards, s3_endpoint, tmp_path):
@@ -89,7 +102,13 @@ def test_cache_job_on_s3_resumes_untouched_and_serves_a_student(fmnist_shards, s
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done = open_cache(cfg.out).done_items()
+        # killpg reaches the driver and the Ray services it started, not the actors: the raylet gives
+        # each worker a process group of its own (in the driver's session), and an actor still
+        # finishes the item it is writing before it notices its raylet is gone. Count the done items
+        # once every process of the job's session has exited, and its last writes have landed.
+        left = wait_session_gone(proc.pid, timeout=60)
+    assert not left, f"the killed job's processes still run after 60 s: {left}"
+    done = _settled_done_items(cfg.out)
     assert 1 <= len(done) < total, f"could not kill the job mid-way (done={done}): {proc.stderr.read()[-2000:]}"
     before = _versions(s3_endpoint, "cache.zarr/")
 
