@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
 from pipeline.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
