@@ -289,7 +289,11 @@ class Schedule:
             sizes[-1] += (hi - lo) - sum(sizes) if not drop_last else 0
             ordered, bounds = lay_out(block, sizes, lanes, interleave, 1, (*key, rank))
             steps = [np.arange(a, b) for a, b in bounds]
-        return RankOrder(ordered, steps, max(1, lanes), self.views)
+        # keep only this rank's rows (what its loader workers receive), steps as ranges of them
+        mine = np.concatenate(steps) if steps else np.arange(0)
+        stops = np.cumsum([len(ix) for ix in steps])
+        ranges = [np.arange(a, b) for a, b in zip(np.r_[0, stops[:-1]], stops)]
+        return RankOrder(ordered.take(mine), ranges, max(1, lanes), self.views)
 
     def needed_items(self, epoch: int) -> list[tuple[int, int]]:
         """(cache epoch, shard) items student epoch ``epoch`` reads: every shard of its cache epoch."""
