@@ -32,7 +32,7 @@ def git_state() -> dict:
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {"commit": _git("rev-parse", "HEAD"), "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
             "dirty": None if dirty is None else bool(dirty),
-            "changed_files": None if not dirty else [line[3:] for line in dirty.splitlines()]}
+            "changed_files": None if not dirty else [line.split(maxsplit=1)[1] for line in dirty.splitlines()]}
 
 
 def cpu_model() -> str:
@@ -109,8 +109,14 @@ def constraints_match() -> dict | None:
     return {"file": "constraints.txt", "differs": differ}
 
 
+_AT_IMPORT = git_state()  # bench scripts import this module as they start
+
+
 def provenance() -> dict:
-    """Commit, machine, versions and the command line, for a results JSON."""
+    """Commit (as the run started; ``git_at_end`` too if the checkout changed since), machine,
+    versions and the command line, for a results JSON."""
     argv0 = Path(sys.argv[0])
     script = str(argv0.resolve().relative_to(ROOT)) if argv0.resolve().is_relative_to(ROOT) else str(argv0)
-    return {"command": " ".join(["python", script, *sys.argv[1:]]), "git": git_state(), "machine": machine(), "versions": versions(), "constraints": constraints_match()}
+    now = git_state()
+    return {"command": " ".join(["python", script, *sys.argv[1:]]), "git": _AT_IMPORT,
+            **({"git_at_end": now} if now != _AT_IMPORT else {}), "machine": machine(), "versions": versions(), "constraints": constraints_match()}

@@ -596,6 +596,11 @@ def main(argv=None) -> int:
 
 
 def write_result(path: str, result: dict) -> None:
+    """Write ``result`` as JSON (with ``provenance`` unless the caller set it)."""
+    if "provenance" not in result:
+        from bench._env import provenance
+
+        result["provenance"] = provenance()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
