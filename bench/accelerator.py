@@ -1,7 +1,8 @@
 """Does the data path keep an accelerator busy? Replay speed, caching job and student, measured
 against a simulated accelerator (``teacher/simulated.py``: a forward that sleeps batch / rate).
 
-    python bench/accelerator.py            # ~10 min on 2 CPU cores; writes bench/results/accelerator.json
+    python bench/accelerator.py            # ~15 min on 2 CPU cores; writes bench/results/accelerator.json
+    python bench/accelerator.py --skip-cache --out /tmp/student.json   # the student part only
 
 Data: ImageNet-like JPEG shards made from the real photos skimage and matplotlib ship offline
 (``bench/photos.py``: each image a different random crop at an ImageNet-typical size such as
@@ -34,13 +35,36 @@ Every figure is a ratio of things measured side by side in this run:
   with ``replay: ray`` (Ray tasks on ``--workers`` CPUs, results through the object store).
   ``ray_job_eff_teacher_bound``: ``pipeline.cache.run_job`` with one Ray actor, its steady
   rate (after actor start-up, the first item's fill included) over the teacher's rate.
-* ``student_eff_step_bound`` / ``student_eff_cpu_bound``: a cached student
-  (``student.train.train``, loss hard, ``--workers`` loader workers) whose model is the
-  simulated accelerator (the step sleeps batch / rate). The loader's capacity is the student's
-  images/s with a step 50x faster than the loader (``students.loader_alone``); the step is then
-  set to half of it (images/s divided by the step rate) or to twice it (images/s divided by the
-  loader's capacity). Images/s is read at the step (the simulated model's timeline, from the
-  4th step of the epoch), so start-up and shutdown are left out.
+* Student (``student.train.train``, loss hard, ``--workers`` loader workers, the loader's ordering
+  settings at their defaults) whose model is the simulated accelerator (the step sleeps
+  batch / rate), on its own data: the JPEGs above ``--student-copies`` times over, each copy a
+  sample of its own (key, label, augmentation), cached once, so an epoch (4096 rows, 64 steps
+  by default) is far longer than anything the loader holds ahead. Images/s is read at the step
+  (the simulated model's timeline) over the steps after the loader's held items are full and
+  before the end, where held items empty without new replays (:func:`window`: an item-level
+  shuffle buffer of ``data.shuffle_buffer`` items per worker, where the loader has one, plus the
+  DataLoader's prefetch; at least 3 steps each side); at least ``--min-steps`` steps are timed,
+  else the script stops. (Before issue 17 this timed steps 4..8 of a 512-row epoch that the
+  512-item buffer had replayed before step 1: 942-1376 img/s from one 321 img/s core.)
+
+  ``student_replay_per_core``: rows per CPU-second of the same loader with no worker process
+  (one core, a whole epoch, so every replayed row is counted), before and after the student
+  runs. ``student_loader_images_per_s`` (``students.loader_alone``): the student with a step 50x
+  faster than that; ``student_eff_step_bound``: the step at half the loader's rate, images/s over
+  the step's rate; ``student_eff_cpu_bound``: the step at twice it, images/s over the loader's
+  rate around it; ``..._vs_cpu_time_capacity``: over ``--workers`` x the per-core rate (<= 1 on
+  any machine). ``student_first_batch_s``: seconds from asking ``TrainData.batches`` for epoch 0
+  to its first batch (loader workers start, read, replay what the loader holds, cache join);
+  median of 3.
+
+Physical plausibility (:func:`plausibility`): every measured rate is checked against what its
+workers can do: a caching job's img/s <= workers x ``worker_capacity_per_core`` x 1.25, a
+student's <= workers x the student replay per core x 1.25, and none above its simulated
+accelerator's rate. A failed check sets the figures built on it to None (the measurement and
+the reason under ``invalid``), prints them to stderr and the script exits 3.
+
+``provenance`` (bench/_env.py): commit, machine (CPU model, cores, load average when written),
+package versions. ``--skip-cache`` measures only the student part (a few minutes).
 
 On 2 cores: 1 replay worker, the other core for the teacher's (or student's) process.
 """
@@ -50,7 +74,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -249,70 +272,222 @@ def bench_ray_job(manifest, work: Path, rate: float, workers: int) -> dict:
 # --------------------------------------------------------------------------- student
 
 
-def student_rate(cache: str, manifest, work: Path, rate: float, workers: int) -> dict:
-    """Images/s of a cached student whose step sleeps batch / rate (``student.train.train``, one
-    epoch): read at the step, from the simulated model's timeline, after its first 3 steps."""
+def student_manifest(work: Path, manifest, copies: int, shard_size: int):
+    """The student's data: the caching part's JPEGs ``copies`` times over, each copy a sample of
+    its own (own key, label and augmentation; decoded and replayed like a distinct photo), so
+    an epoch is far longer than anything the loader holds ahead."""
+    src = [raw for s in manifest.shards for raw in read_shard(manifest, s)]
+    labels = np.random.default_rng(2).integers(0, CLASSES, len(src) * copies)
+    samples = [SourceSample(key=f"s{c}_{raw.key}", label=int(labels[c * len(src) + i]), path=f"copy {c} of {raw.key}",
+                            data=raw.data) for c in range(copies) for i, raw in enumerate(src)]
+    return write_shards(samples, work / "student_ds", "train", [f"class_{c}" for c in range(CLASSES)], shard_size,
+                        overwrite=True, source="bench/accelerator.py student data (photo crops, copies)")
+
+
+def student_config(cache: str, manifest, timeline: Path, rate: float, workers: int, extra=()):
+    """``student.train``'s config: loss hard, the simulated accelerator as the model, one epoch.
+    The loader's ordering settings stay at their defaults (what a user's run gets)."""
     from pipeline.config import load_config
     from student.config import TrainConfig
-    from student.train import train
-    from teacher.simulated import steady_rate
 
-    fd, name = tempfile.mkstemp(dir=work, prefix=f"student_{rate:.0f}_", suffix=".timeline")
-    os.close(fd)
-    timeline = Path(name)
-    cfg = load_config(TrainConfig, None, [
+    return load_config(TrainConfig, None, [
         f"data.train={manifest.path}", f"cache.path={cache}", "loss.mode=hard", "teacher.mode=cached",
         f"model.name={SIMULATED}", f"model.model_kwargs={{images_per_s: {rate}, timeline: '{timeline}'}}",
         f"data.batch_size={BATCH}", f"data.num_workers={workers}", "run.epochs=1", "run.device=cpu",
         "run.threads=1", "run.progress=false", "run.plot=false", "run.log_every=0",
-        f"run.out={timeline.with_suffix('')}", "optim.warmup_epochs=0"])
-    train(cfg)
-    got = steady_rate(str(timeline), skip=3)
+        f"run.out={timeline.with_suffix('')}", "optim.warmup_epochs=0", *extra])
+
+
+def held_items(workers: int) -> int:
+    """Replayed items the student loader may hold before it hands over a batch: an item-level
+    shuffle buffer (``data.shuffle_buffer`` items per worker) where the loader has one, plus
+    the DataLoader's prefetch (2 chunks per worker, a batch's worth per worker here). A loader
+    without an item buffer (index-level shuffle) holds only the prefetch."""
+    from student.config import DataConfig
+
+    buffer = getattr(DataConfig(), "shuffle_buffer", 0) or 0
+    return max(1, workers) * (buffer if buffer > 1 else 0) + 2 * max(1, workers) * BATCH
+
+
+def window(steps: int, workers: int, min_steps: int, skip: int | None = None) -> tuple[int, int]:
+    """The steps [first, last] timed: after the loader's held items are full (so each step
+    waits for new replays, not for ones made before step 1) and before the end, where a buffer
+    empties without replaying; the first 3 steps are left out in any case (start-up)."""
+    lead = max(3, -(-held_items(workers) // BATCH) + 1) if skip is None else skip
+    first, last = lead, steps - 1 - lead
+    if last - first < min_steps:
+        raise SystemExit(f"bench/accelerator.py: a student epoch of {steps} steps leaves {max(0, last - first)} "
+                         f"steps between its first {lead} (the loader's held items fill) and its last {lead} "
+                         f"(they empty), fewer than --min-steps {min_steps}: raise --student-copies")
+    return first, last
+
+
+def window_rate(timeline: Path, first: int, last: int) -> float:
+    """Images/s between the starts of forwards ``first`` and ``last`` (the simulated model's timeline)."""
+    rows = [line.split() for line in timeline.read_text().splitlines()]
+    times, sizes = [float(t) for t, _ in rows], [int(n) for _, n in rows]
+    return sum(sizes[first:last]) / (times[last] - times[first])
+
+
+def student_rate(cache: str, manifest, work: Path, rate: float, workers: int, min_steps: int,
+                 skip: int | None) -> dict:
+    """Images/s of a cached student whose step sleeps batch / rate (``student.train.train``, one
+    epoch), read at the step (the simulated model's timeline) over :func:`window`'s steps."""
+    from student.train import train
+
+    fd, name = tempfile.mkstemp(dir=work, prefix=f"student_{rate:.0f}_", suffix=".timeline")
+    os.close(fd)
+    timeline = Path(name)
+    train(student_config(cache, manifest, timeline, rate, workers))
     steps = len(timeline.read_text().splitlines())
-    print(f"student: step {rate:.0f} img/s -> {got:.1f} img/s over steps 4..{steps}", flush=True)
-    return {"step_images_per_s": round(rate, 1), "images_per_s": round(got, 1), "steps": steps}
+    first, last = window(steps, workers, min_steps, skip)
+    got = window_rate(timeline, first, last)
+    print(f"student: step {rate:.0f} img/s -> {got:.1f} img/s over steps {first + 1}..{last + 1} of {steps}", flush=True)
+    return {"step_images_per_s": round(rate, 1), "images_per_s": round(got, 1), "steps": steps,
+            "timed_steps": [first + 1, last + 1]}
 
 
-def machine() -> dict:
-    import PIL
-    import timm
+def train_data(cache: str, manifest, work: Path, workers: int):
+    """``student.data.TrainData`` of the run :func:`student_rate` makes (rank 0 of 1)."""
+    from student.data import TrainData, open_checked_cache
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "pillow": PIL.__version__, "load_average_at_end": list(os.getloadavg())}
+    cfg = student_config(cache, manifest, work / "unused.timeline", 1.0, workers)
+    reader, plan = open_checked_cache(cfg, manifest)
+    return TrainData(cfg, manifest, plan, reader, log=lambda *_: None)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=512, help="distinct JPEGs (shards of --shard-size)")
-    p.add_argument("--shard-size", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=4, help="interleaved per-core rounds (each: every shard)")
-    p.add_argument("--workers", type=int, default=1, help="replay workers (caching job and student)")
-    p.add_argument("--repeats", type=int, default=2, help="job and student runs per setting (median reported)")
-    p.add_argument("--skip-student", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accelerator.json"))
-    args = p.parse_args(argv)
+def student_replay_per_core(cache: str, manifest, work: Path) -> dict:
+    """Rows per CPU-second of the student loader's replay on one core: epoch 0's loader with no
+    worker processes (read, replay, shuffle, collate in this single-threaded process), every
+    row of the epoch, so everything replayed is counted (a held buffer included)."""
+    torch.set_num_threads(1)
+    loader = train_data(cache, manifest, work, 0).loader(0)
+    wall, cpu = time.perf_counter(), time.process_time()
+    rows = sum(len(b["label"]) for b in loader)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    print(f"student replay, one core: {rows / cpu:.1f} rows/cpu-s ({rows} rows)", flush=True)
+    return {"rows": rows, "rows_per_cpu_s": round(rows / cpu, 1), "rows_per_wall_s": round(rows / wall, 1)}
 
-    work = Path(tempfile.mkdtemp(prefix="kdcache_bench_accel_"))
-    manifest = make_shards(work, args.images, args.shard_size)
-    sizes = {}
-    for s in manifest.shards:
-        for raw in read_shard(manifest, s):
-            with Image.open(io.BytesIO(raw.data)) as im:
-                sizes[f"{im.size[0]}x{im.size[1]}"] = sizes.get(f"{im.size[0]}x{im.size[1]}", 0) + 1
-    base = job_config(manifest, str(work / "unused.zarr"), 1.0)
-    result = {"command": "python bench/accelerator.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "data": {"images": manifest.num_samples, "shards": len(manifest.shards), "shard_size": args.shard_size,
-                       "jpeg_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
-                       "bytes_per_image": round(sum(s.bytes for s in manifest.shards) / manifest.num_samples)},
-              "views": VIEWS, "out_size": OUT, "batch_size": BATCH, "workers": args.workers}
+
+def first_batch_delay(cache: str, manifest, work: Path, workers: int) -> float:
+    """Seconds from asking for epoch 0's batches (``TrainData.batches``: loader workers start,
+    shards are read, rows replayed, the cache joined) to the first batch in hand."""
+    data = train_data(cache, manifest, work, workers)
+    t0 = time.perf_counter()
+    batches = data.batches(0)
+    next(batches)
+    delay = time.perf_counter() - t0
+    batches.close()  # stops the loader's workers
+    return delay
+
+
+def bench_student(args, manifest, work: Path, result: dict) -> None:
+    """The student figures into ``result`` (see the module docstring)."""
+    smanifest = student_manifest(work, manifest, args.student_copies, args.shard_size)
+    # its cache: the caching job with a teacher far faster than the replay
+    cache = bench_items(smanifest, work, "student_cache", 1e6, num_workers=args.workers)["cache"]
+    per_core = [student_replay_per_core(cache, smanifest, work)]
+    torch.set_num_threads(1)
+    delays = [first_batch_delay(cache, smanifest, work, args.workers) for _ in range(3)]
+    print(f"student first batch after {statistics.median(delays):.2f} s (median of {delays})", flush=True)
+    cap = per_core[0]["rows_per_cpu_s"] * args.workers
+    run = lambda rate: student_rate(cache, smanifest, work, rate, args.workers, args.min_steps, args.skip_steps)  # noqa: E731
+    # the loader with a step 50x faster than it: its own rate, now (what the step must not slow)
+    alone = [run(50 * cap)]
+    step_bound, cpu_bound = [], []
+    for _ in range(args.repeats):
+        step_bound.append(run(alone[-1]["images_per_s"] / 2))
+        alone.append(run(50 * cap))
+        cpu_bound.append(run(alone[-1]["images_per_s"] * 2))
+        alone.append(run(50 * cap))
+    per_core.append(student_replay_per_core(cache, smanifest, work))
+    loader = [a["images_per_s"] for a in alone]
+    capacity = statistics.mean(c["rows_per_cpu_s"] for c in per_core) * args.workers
+    result["student_data"] = {"images": smanifest.num_samples, "copies_of_each_jpeg": args.student_copies,
+                              "steps_per_epoch": alone[0]["steps"], "held_items_before_a_batch": held_items(args.workers)}
+    result["student_replay_per_core"] = per_core
+    result["student_first_batch_s"] = round(statistics.median(delays), 3)
+    result["student_first_batch_s_runs"] = [round(d, 3) for d in delays]
+    result["students"] = {"loader_alone": alone, "step_bound": step_bound, "cpu_bound": cpu_bound}
+    result["student_loader_images_per_s"] = round(statistics.median(loader), 1)
+    result["student_eff_step_bound"] = round(statistics.median(
+        j["images_per_s"] / j["step_images_per_s"] for j in step_bound), 3)
+    result["student_eff_cpu_bound"] = round(statistics.median(
+        j["images_per_s"] / statistics.mean(loader[2 * r + 1:2 * r + 3]) for r, j in enumerate(cpu_bound)), 3)
+    result["student_eff_cpu_bound_vs_cpu_time_capacity"] = round(statistics.median(
+        j["images_per_s"] for j in cpu_bound) / capacity, 3)
+    result["student_loader_vs_cpu_time_capacity"] = round(statistics.median(loader) / capacity, 3)
+
+
+# --------------------------------------------------------------------------- physical plausibility
+
+# A wall-clock rate of W worker processes cannot beat W x one core's rate (CPU time, measured in
+# this run) by more than this: the per-core figure also carries work the workers leave to the
+# main process (batch assembly), and a core's speed varies a little with what runs beside it.
+MARGIN = 1.25
+
+
+def plausibility(result: dict, workers: int) -> list[dict]:
+    """Every measured rate against its physical bound; a violated one marks the figures built
+    on it invalid (set to None, the reason under ``invalid``)."""
+    checks = []
+
+    def check(what: str, measured: float, bound: float, basis: str, figures: tuple[str, ...]):
+        checks.append({"what": what, "measured": measured, "bound": round(bound, 1), "basis": basis,
+                       "ok": measured <= bound, "figures": list(figures)})
+
+    worker_cap = workers * result.get("worker_capacity_per_core", 0) * MARGIN
+    for place, prefix in (("local", "cache"), ("ray", "cluster")):
+        for kind in ("teacher_bound", "cpu_bound"):
+            for j in result.get("jobs", {}).get(f"{place}_{kind}", []):
+                check(f"caching job ({place} replay, {kind}) img/s", j["images_per_s"], worker_cap,
+                      f"{workers} worker(s) x worker_capacity_per_core x {MARGIN}",
+                      (f"{prefix}_eff_{kind}",) + (("cache_eff_cpu_bound_vs_cpu_time_capacity",)
+                                                   if (place, kind) == ("local", "cpu_bound") else ()))
+                if kind == "teacher_bound":
+                    check(f"caching job ({place} replay, teacher-bound) img/s", j["images_per_s"],
+                          j["teacher_images_per_s"] * 1.02, "the simulated teacher's rate (it sleeps)",
+                          (f"{prefix}_eff_teacher_bound",))
+    if "students" in result:
+        per_core = max(c["rows_per_cpu_s"] for c in result["student_replay_per_core"])
+        cap = workers * per_core * MARGIN
+        names = {"loader_alone": ("student_eff_cpu_bound", "student_loader_images_per_s",
+                                  "student_loader_vs_cpu_time_capacity"),
+                 "step_bound": ("student_eff_step_bound",),
+                 "cpu_bound": ("student_eff_cpu_bound", "student_eff_cpu_bound_vs_cpu_time_capacity")}
+        for kind, runs in result["students"].items():
+            for j in runs:
+                check(f"student ({kind}) img/s", j["images_per_s"], cap,
+                      f"{workers} loader worker(s) x student replay rows/cpu-s on one core x {MARGIN}", names[kind])
+                check(f"student ({kind}) img/s", j["images_per_s"], j["step_images_per_s"] * 1.02,
+                      "the simulated step's rate (it sleeps)", names[kind])
+    return checks
+
+
+def mark_invalid(result: dict, checks: list[dict]) -> list[dict]:
+    """Set the figures of every failed check to None and say why under ``result["invalid"]``."""
+    failed = [c for c in checks if not c["ok"]]
+    result["invalid"] = {}
+    for c in failed:
+        for key in c["figures"]:
+            if key in result:
+                result["invalid"].setdefault(key, {"value": result[key], "reasons": []})
+                result["invalid"][key]["reasons"].append(
+                    f"{c['what']} {c['measured']} > {c['bound']} ({c['basis']})")
+                result[key] = None
+    result["plausibility"] = checks
+    result["valid"] = not failed
+    return failed
+
+
+def bench_cache(args, manifest, work: Path, base: CacheJobConfig, result: dict) -> None:
+    """The per-core comparison and the caching job's figures into ``result``."""
+    import ray
+
     result.update(bench_per_core(base, manifest, args.rounds))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
     cpu_time_capacity = result["worker_capacity_per_core"] * args.workers
     samples = {s.index: read_shard(manifest, s) for s in manifest.shards}
-
-    import ray
-
     jobs, caps = {}, {}
     for place in ("local", "ray"):
         if place == "ray":  # replay as Ray tasks on `workers` CPUs; the teacher loop stays here
@@ -350,49 +525,81 @@ def main(argv=None) -> int:
     result["ray_job_eff_teacher_bound"] = round(jobs["ray_job_teacher_bound"]["steady_images_per_s"]
                                                 / jobs["ray_job_teacher_bound"]["teacher_images_per_s"], 3)
 
+
+TABLE = (("replay_capacity_per_core", ""), ("timm_per_core", ""), ("replay_over_timm", ">= 1.2"),
+         ("worker_capacity_per_core", ""), ("cache_eff_teacher_bound", ">= 0.9"),
+         ("cache_eff_cpu_bound_vs_cpu_time_capacity", ""), ("cache_eff_cpu_bound", ">= 0.9"),
+         ("cluster_eff_teacher_bound", ""), ("cluster_eff_cpu_bound", ""), ("ray_job_eff_teacher_bound", ""),
+         ("student_first_batch_s", ""), ("student_loader_images_per_s", ""),
+         ("student_loader_vs_cpu_time_capacity", "<= 1"), ("student_eff_step_bound", ">= 0.9"),
+         ("student_eff_cpu_bound", ">= 0.9"), ("student_eff_cpu_bound_vs_cpu_time_capacity", "<= 1"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=512, help="distinct JPEGs (shards of --shard-size)")
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved per-core rounds (each: every shard)")
+    p.add_argument("--workers", type=int, default=1, help="replay workers (caching job and student)")
+    p.add_argument("--repeats", type=int, default=2, help="job and student runs per setting (median reported)")
+    p.add_argument("--student-copies", type=int, default=8,
+                   help="the student's epoch: --images x this many samples (each copy its own sample)")
+    p.add_argument("--min-steps", type=int, default=30, help="fewest student steps timed (else the script stops)")
+    p.add_argument("--skip-steps", type=int, default=None,
+                   help="student steps left out at each end (default: what the loader holds ahead, at least 3)")
+    p.add_argument("--skip-student", action="store_true")
+    p.add_argument("--skip-cache", action="store_true", help="only the student figures (per-core replay, loader)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "accelerator.json"))
+    args = p.parse_args(argv)
+    from bench._env import provenance
+
+    work = Path(tempfile.mkdtemp(prefix="kdcache_bench_accel_"))
+    manifest = make_shards(work, args.images, args.shard_size)
+    sizes = {}
+    for s in manifest.shards:
+        for raw in read_shard(manifest, s):
+            with Image.open(io.BytesIO(raw.data)) as im:
+                sizes[f"{im.size[0]}x{im.size[1]}"] = sizes.get(f"{im.size[0]}x{im.size[1]}", 0) + 1
+    base = job_config(manifest, str(work / "unused.zarr"), 1.0)
+    result = {"data": {"images": manifest.num_samples, "shards": len(manifest.shards), "shard_size": args.shard_size,
+                       "jpeg_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
+                       "bytes_per_image": round(sum(s.bytes for s in manifest.shards) / manifest.num_samples)},
+              "views": VIEWS, "out_size": OUT, "batch_size": BATCH, "workers": args.workers}
+    if not args.skip_cache:
+        bench_cache(args, manifest, work, base, result)
     if not args.skip_student:
-        cache = jobs["local_cpu_bound"][0]["cache"]
-        cpu_capacity = result["replay_capacity_per_core"] * args.workers
-        # the loader with a step 50x faster than it: its own rate, now (what the step must not slow)
-        # the loader with a step 50x faster than it: its own rate, now (what the step must not slow)
-        alone = [student_rate(cache, manifest, work, 50 * cpu_capacity, args.workers)]
-        step_bound, cpu_bound = [], []
-        for _ in range(args.repeats):
-            step_bound.append(student_rate(cache, manifest, work, alone[-1]["images_per_s"] / 2, args.workers))
-            alone.append(student_rate(cache, manifest, work, 50 * cpu_capacity, args.workers))
-            cpu_bound.append(student_rate(cache, manifest, work, alone[-1]["images_per_s"] * 2, args.workers))
-            alone.append(student_rate(cache, manifest, work, 50 * cpu_capacity, args.workers))
-        loader = [a["images_per_s"] for a in alone]
-        result["students"] = {"loader_alone": alone, "step_bound": step_bound, "cpu_bound": cpu_bound}
-        result["student_eff_step_bound"] = round(statistics.median(
-            j["images_per_s"] / j["step_images_per_s"] for j in step_bound), 3)
-        result["student_eff_cpu_bound"] = round(statistics.median(
-            j["images_per_s"] / statistics.mean(loader[2 * r + 1:2 * r + 3]) for r, j in enumerate(cpu_bound)), 3)
-        result["student_eff_cpu_bound_vs_cpu_time_capacity"] = round(statistics.median(
-            j["images_per_s"] for j in cpu_bound) / cpu_capacity, 3)
-    # capacity again, to show how much the machine's load moved during the run
-    torch.set_num_threads(1)
-    after = bench_per_core(base, manifest, 1)
-    result["worker_capacity_per_core_at_end"] = after["worker_capacity_per_core"]
-    result["replay_capacity_per_core_at_end"] = after["replay_capacity_per_core"]
-    result["machine"] = machine()
+        bench_student(args, manifest, work, result)
+    if not args.skip_cache:
+        # capacity again, to show how much the machine's load moved during the run
+        torch.set_num_threads(1)
+        after = bench_per_core(base, manifest, 1)
+        result["worker_capacity_per_core_at_end"] = after["worker_capacity_per_core"]
+        result["replay_capacity_per_core_at_end"] = after["replay_capacity_per_core"]
+    failed = mark_invalid(result, plausibility(result, args.workers))
+    result["provenance"] = provenance()
 
     print()
     print(f"{'metric':<44}{'value':>10}  goal")
-    for key, goal in (("replay_capacity_per_core", ""), ("timm_per_core", ""), ("replay_over_timm", ">= 1.2"),
-                      ("worker_capacity_per_core", ""), ("cache_eff_teacher_bound", ">= 0.9"),
-                      ("cache_eff_cpu_bound_vs_cpu_time_capacity", ""),
-                      ("cache_eff_cpu_bound", ">= 0.9"), ("cluster_eff_teacher_bound", ""),
-                      ("cluster_eff_cpu_bound", ""), ("ray_job_eff_teacher_bound", ""),
-                      ("student_eff_step_bound", ">= 0.9"),
-                      ("student_eff_cpu_bound", ">= 0.9"), ("student_eff_cpu_bound_vs_cpu_time_capacity", "")):
+    for key, goal in TABLE:
         if key in result:
-            print(f"{key:<44}{result[key]:>10}  {goal}")
+            value = "INVALID" if result[key] is None else result[key]
+            print(f"{key:<44}{value:>10}  {goal}")
     write_result(args.out, result)
+    if failed:
+        print(f"\nbench/accelerator.py: PHYSICALLY IMPOSSIBLE figures ({len(failed)} checks failed), marked invalid "
+              f"(None) in {args.out}:", file=sys.stderr)
+        for c in failed:
+            print(f"  {c['what']}: {c['measured']} > {c['bound']} = {c['basis']}", file=sys.stderr)
+        return 3
     return 0
 
 
 def write_result(path: str, result: dict) -> None:
+    """Write ``result`` as JSON (with ``provenance`` unless the caller set it)."""
+    if "provenance" not in result:
+        from bench._env import provenance
+
+        result["provenance"] = provenance()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

@@ -29,6 +29,7 @@ from PIL import Image
 from timm.data import create_transform
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._env import provenance  # noqa: E402
 from pipeline.plan import AugConfig, apply, sample_params  # noqa: E402
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "motorcycle", "immunohistochemistry")
@@ -160,6 +161,7 @@ def main() -> None:
     print(f"ratio plan/timm = {result['ratio']:.3f} (per-round median {result['ratio_median_per_round']:.3f}); "
           f"wall ratio {result['wall_ratio']:.3f}; sample_params alone {params_us:.1f} cpu-us/call")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result["provenance"] = provenance()
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -15,12 +15,24 @@ At 224 px the forward dominates on CPU, as RegNetY-16GF's does on a GPU.
   measured is whether reading, replaying and writing hide behind the forward.
 * ``reader_rows_per_s``: ``CacheReader.lookup`` of random batches of 256 rows (one epoch).
 * ``ray_2_over_1``: steady images/s (after actor start-up and the tail calibration) of the same
-  Ray job with 2 vs 1 CPU actor (fresh caches); the rates including both are reported beside it.
+  Ray job with 2 vs 1 CPU actor (fresh caches), each actor ``num_cpus=1`` with inline replay
+  (``num_workers=0``). Scaling, not oversubscription: the run with A actors gets a Ray instance
+  of A CPUs whose processes are pinned to A cores (``sched_setaffinity`` before ``ray.init``, so
+  an actor's replay thread cannot borrow an idle core), and every actor's torch uses its
+  ``num_cpus`` threads (``pipeline.pool.use_ray_cpus``; ``actor_torch_threads`` is what a probe
+  actor with the same options got). Runs alternate 1, 2, 1, 2 (``--repeats``), the ratio is the
+  median of each 2-actor run over the mean of the 1-actor runs around it; the rates including
+  start-up and calibration are reported beside it.
 * ``calibration_seconds``: the learned tail's calibration (the teacher's full logits of the first
   ``tail.calibration_rows`` rows, then the fit), paid once per cache before any item; it is
   timed apart from the item rate.
-* ``bytes_per_sample_epoch_k10``: from bench/storage.py (real EfficientNet-Lite0 top-10 rows,
-  read from bench/results/storage.json; run bench/storage.py first).
+* ``stored_bytes_per_sample_epoch``: bytes on disk of the cache ``cache_over_forward`` wrote
+  (this run, the current storage format), per sample-epoch (views=1 here). It counts the tail
+  basis and per-item records at this small size; the per-row size at scale of real rows is
+  ``bench/storage.py``'s (bench/results/storage.json), not copied here.
+
+``provenance`` (bench/_env.py): commit, machine, package versions. The machine may be shared:
+``provenance.machine.load_average`` is the load when the JSON was written.
 """
 from __future__ import annotations
 
@@ -121,64 +133,110 @@ def bench_reader(cache: str, batch: int = 256, seconds: float = 3.0) -> float:
     return rows / (time.perf_counter() - t0)
 
 
-def bench_ray(shards: str, ckpt: str, work: Path) -> dict:
+def _probe_threads(ray) -> dict:
+    """torch threads and OMP_NUM_THREADS of an actor with the teacher actors' options, after
+    ``use_ray_cpus`` (what ``TeacherWorker.__init__`` runs first)."""
+
+    class Probe:
+        def threads(self):
+            import torch
+
+            from pipeline.pool import use_ray_cpus
+
+            before = torch.get_num_threads()
+            return {"omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "torch_threads_before_pin": before,
+                    "torch_threads": use_ray_cpus() or torch.get_num_threads()}
+
+    probe = ray.remote(Probe).options(num_cpus=1).remote()
+    try:
+        return ray.get(probe.threads.remote())
+    finally:
+        ray.kill(probe)
+
+
+def ray_run(shards: str, ckpt: str, out: str, actors: int) -> dict:
+    """One Ray job with ``actors`` CPU actors, in a fresh Ray instance of ``actors`` CPUs whose
+    processes (raylet, actors) are pinned to ``actors`` cores of this machine."""
     import ray
 
     from pipeline.cache import run_job
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
-             log_to_driver=False)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < actors:
+        raise SystemExit(f"bench/cache.py: {actors} actors need {actors} cores, this process may use {cores}")
+    os.sched_setaffinity(0, cores[:actors])  # children (Ray's processes) inherit the mask
     try:
-        rates = {}
-        for actors in (1, 2):
-            cfg = job_config(shards, ckpt, str(work / f"ray{actors}.zarr"), actors=actors, num_workers=0)
-            rates[actors] = run_job(cfg, progress=False)
+        ray.init(address="local", num_cpus=actors, include_dashboard=False, object_store_memory=256 * 1024**2,
+                 log_to_driver=False)
+        try:
+            threads = _probe_threads(ray)
+            cfg = job_config(shards, ckpt, out, actors=actors, num_workers=0)
+            s = run_job(cfg, progress=False)
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
-    one, two = rates[1], rates[2]
-    return {"ray_1_images_per_s": one["steady_images_per_s"], "ray_2_images_per_s": two["steady_images_per_s"],
-            "ray_2_over_1": two["steady_images_per_s"] / one["steady_images_per_s"],
-            "ray_1_images_per_s_with_startup": one["images_per_s"],
-            "ray_2_images_per_s_with_startup": two["images_per_s"],
-            "ray_2_over_1_with_startup": two["images_per_s"] / one["images_per_s"],
-            "actor_startup_seconds": [one["startup_seconds"], two["startup_seconds"]],
-            "ray_calibration_seconds": [one["calibration_seconds"], two["calibration_seconds"]]}
+        os.sched_setaffinity(0, cores)
+    print(f"ray job, {actors} actor(s) on cores {cores[:actors]}: {s['steady_images_per_s']:.1f} img/s steady "
+          f"(actor torch threads {threads['torch_threads']})", flush=True)
+    return {"actors": actors, "cores": cores[:actors], "steady_images_per_s": s["steady_images_per_s"],
+            "images_per_s_with_startup": s["images_per_s"], "startup_seconds": s["startup_seconds"],
+            "calibration_seconds": s["calibration_seconds"], "actor_threads": threads}
 
 
-def bytes_per_row_k10() -> tuple[float | None, str]:
-    path = ROOT / "bench" / "results" / "storage.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-        for key in ("bytes_per_sample_epoch_k10", "bytes_per_row_k10"):
-            if key in data:
-                return float(data[key]), str(path.relative_to(ROOT))
-        if "bytes_per_row" in data.get("k10", {}):
-            return float(data["k10"]["bytes_per_row"]), str(path.relative_to(ROOT))
-    return None, "bench/results/storage.json missing: run python bench/storage.py"
+def bench_ray(shards: str, ckpt: str, work: Path, repeats: int) -> dict:
+    """1, 2, 1, 2, ..., 1 actors: each 2-actor run over the mean of the 1-actor runs around it."""
+    import statistics
+
+    runs = []
+    for r in range(repeats):
+        for actors in (1, 2):
+            runs.append(ray_run(shards, ckpt, str(work / f"ray{actors}_{r}.zarr"), actors))
+    runs.append(ray_run(shards, ckpt, str(work / f"ray1_{repeats}.zarr"), 1))
+    one = [x for x in runs if x["actors"] == 1]
+    two = [x for x in runs if x["actors"] == 2]
+    ratios = [t["steady_images_per_s"] / statistics.mean([one[i]["steady_images_per_s"], one[i + 1]["steady_images_per_s"]])
+              for i, t in enumerate(two)]
+    with_startup = [t["images_per_s_with_startup"] / statistics.mean(
+        [one[i]["images_per_s_with_startup"], one[i + 1]["images_per_s_with_startup"]]) for i, t in enumerate(two)]
+    return {"ray_1_images_per_s": statistics.median(x["steady_images_per_s"] for x in one),
+            "ray_2_images_per_s": statistics.median(x["steady_images_per_s"] for x in two),
+            "ray_2_over_1": statistics.median(ratios), "ray_2_over_1_per_run": [round(x, 3) for x in ratios],
+            "ray_2_over_1_with_startup": statistics.median(with_startup),
+            "actor_torch_threads": sorted({x["actor_threads"]["torch_threads"] for x in runs}),
+            "ray_runs": runs}
+
+
+def stored_bytes(path: str) -> int:
+    """Bytes on disk under a local cache directory (every Zarr chunk and metadata file)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=2, help="2-actor Ray runs (each between two 1-actor runs)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cache.json"))
     args = p.parse_args(argv)
+    from bench._env import provenance
+
     work = Path(tempfile.mkdtemp(prefix="kdcache_bench_cache_"))
     shards, ckpt = make_inputs(work, args.samples)
     cfg = job_config(shards, ckpt, str(work / "item.zarr"))
     item = bench_item_vs_forward(cfg)
     reader = bench_reader(cfg.out)
-    ray_res = bench_ray(shards, ckpt, work)
-    bpr, bpr_src = bytes_per_row_k10()
+    ray_res = bench_ray(shards, ckpt, work, args.repeats)
     result = {
         "teacher": "regnety_002 (random weights), 1000 classes, 224 px, fp32 on CPU",
         "data": f"Fashion-MNIST {args.samples} images, DeiT-B plan replayed at 224 px, k=10",
-        "bytes_per_sample_epoch_k10": bpr, "bytes_per_sample_epoch_k10_source": bpr_src,
-        **item, "reader_rows_per_s": reader, **ray_res,
-        "cpu_count": os.cpu_count(),
+        **item, "reader_rows_per_s": reader,
+        "stored_bytes_per_sample_epoch": stored_bytes(cfg.out) / (args.samples * cfg.epochs),
+        **ray_res,
     }
+    result["provenance"] = provenance()
     print(f"{'metric':<32} value")
     for k, v in result.items():
-        print(f"{k:<32} {v:.3f}" if isinstance(v, float) else f"{k:<32} {v}")
+        if k not in ("ray_runs", "provenance"):
+            print(f"{k:<32} {v:.3f}" if isinstance(v, float) else f"{k:<32} {v}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -26,6 +26,7 @@ import webdataset as wds
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._env import provenance  # noqa: E402
 from bench.photos import imagenet_jpegs  # noqa: E402
 from pipeline.shards import SourceSample, load_manifest, parse_sample, read_shard, write_shards  # noqa: E402
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         print(f"{name:48s} {row['ms']:8.1f} {row['mb_per_s']:8.0f} {row['ratio_to_webdataset']:13.2f}")
     Path(args.out).write_text(json.dumps({
         "machine": platform.platform(), "python": platform.python_version(), "images": args.images,
-        "shard_mb": mb, "rounds": args.rounds, "ways": rows}, indent=2) + "\n")
+        "shard_mb": mb, "rounds": args.rounds, "ways": rows, "provenance": provenance()}, indent=2) + "\n")
     return 0
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # after the repo root: this file must not shadow storage/
 
 import format2  # noqa: E402
+from bench._env import provenance  # noqa: E402
 from realrows import CHUNK_SAMPLES, VIEWS, blosc_bytes, teacher_rows, write_cache  # noqa: E402
 
 KS = (1, 5, 10, 20)
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     rd = result["reader"]
     print(f"reader: {rd['rows_per_s_batch256']:,} rows/s (batch 256), {rd['rows_per_s_batch1024']:,} rows/s (batch 1024)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result["provenance"] = provenance()
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._env import provenance  # noqa: E402
 from pipeline.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
@@ -185,6 +186,7 @@ def main(argv=None) -> dict:
         "note": "decode+augment excluded (identical in every mode); cache lookup included; ratios = median of per-round ratios",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result["provenance"] = provenance()
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("images_per_s", "cached_over_none", "cached_over_online",
                                                "flop_limit_online", "meets_goals")}, indent=1))

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # after the repo root: bench/storage.py must not shadow storage/
 
 import format2  # noqa: E402
+from bench._env import provenance  # noqa: E402
 from realrows import TEST_PHOTOS, blosc_bytes, teacher_rows, write_cache  # noqa: E402
 
 KS = (1, 5, 10, 20, 50, 100)
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     _print(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result["provenance"] = provenance()
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -89,8 +89,10 @@ class TeacherWorker:
     def __init__(self, cfg_dict: dict, attrs: dict, fault_marker: str | None = None):
         import torch
 
+        from pipeline.pool import use_ray_cpus
         from pipeline.shards import load_manifest
 
+        use_ray_cpus()  # torch threads = the actor's num_cpus, whatever OMP_NUM_THREADS says
         self.cfg = CacheJobConfig.from_dict(cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.manifest = load_manifest(self.cfg.shards)

@@ -26,7 +26,31 @@ from typing import Any, Callable
 
 from concurrent.futures.process import BrokenProcessPool
 
-__all__ = ["BrokenProcessPool", "InlinePool", "ProcessPool", "RayPool", "make_pool"]
+__all__ = ["BrokenProcessPool", "InlinePool", "ProcessPool", "RayPool", "make_pool", "use_ray_cpus"]
+
+
+def use_ray_cpus() -> int | None:
+    """In a Ray actor or task: set torch's threads to the CPUs Ray assigned it (at least 1).
+
+    Ray sets ``OMP_NUM_THREADS`` from ``num_cpus`` only when the environment has none: a node
+    whose environment exports one (or a Ray that stops setting it) would run every actor with
+    that many threads, more actors than cores' worth. Returns the thread count, or None (and
+    changes nothing) outside Ray or without a CPU assignment.
+    """
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None  # a driver (or a TeacherWorker built in-process): its threads are the caller's
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if not cpus:
+        return None
+    import torch
+
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    return threads
 
 
 class _Deferred:

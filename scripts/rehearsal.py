@@ -199,6 +199,9 @@ def main(argv=None) -> int:
         "audit": audit, "student_val_top1_fused": float(epoch_rows[-1].get("val_top1_fused") or "nan"),
         "checks": {name: {"value": v, "ok": ok} for name, (v, ok) in checks.items()},
     }
+    from bench._env import provenance
+
+    result["provenance"] = provenance()
     (out / "rehearsal.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nrehearsal ({result['size']}): {n} images of {stats['classes']} classes (labels in "
           f"{manifest.num_classes}), {len(manifest.shards)} shards; {len(manifest.skipped)} file(s) skipped by "
