@@ -106,6 +106,11 @@ class CacheNotReady(RuntimeError):
         super().__init__(f"cache {path}: epoch {epoch} shard {shard} is not done yet")
 
 
+# optional packages of the URL protocols a published cache is read from (kdcache ships s3fs and aiohttp)
+PROTOCOL_PACKAGES = {"hf": "huggingface_hub", "gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "http": "aiohttp",
+                     "https": "aiohttp", "az": "adlfs", "abfs": "adlfs"}
+
+
 # ----------------------------------------------------------------------------- helpers
 def _open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
     """Open a group from a local path, ``file://`` URL, or any fsspec URL (``memory://``, ``s3://``).
@@ -120,7 +125,12 @@ def _open_group(path: str | os.PathLike, mode: str) -> zarr.Group:
         path = path[len("file://"):]
     if "://" not in path:
         return zarr.open_group(path, mode=mode, zarr_format=3)
-    return zarr.open_group(path, mode=mode, zarr_format=3, storage_options={"use_listings_cache": False})
+    try:
+        return zarr.open_group(path, mode=mode, zarr_format=3, storage_options={"use_listings_cache": False})
+    except ImportError as e:  # fsspec imports a protocol's package on first use
+        protocol = path.split("://", 1)[0]
+        package = PROTOCOL_PACKAGES.get(protocol, f"the fsspec implementation of {protocol}://")
+        raise ImportError(f"cache {path}: reading {protocol}:// needs {package} (pip install {package}): {e}") from e
 
 
 class _PackedStore(WrapperStore):

@@ -294,3 +294,16 @@ def test_student_asking_for_epochs_the_copy_lacks_is_refused(fmnist_shards, fmni
     pack(str(unpacked), str(sub), epochs="0", log=None)
     with pytest.raises(EpochNotInCache, match="epoch 1 is not in this packed copy, which holds epochs 0 of 4"):
         _train(fmnist_shards, sub, tmp_path / "run")
+
+
+def test_a_protocol_without_its_package_is_a_clear_error(monkeypatch):
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is a mapping)
+    # what a machine without huggingface_hub sees (fsspec imports HfFileSystem on first use)
+    monkeypatch.setitem(registry.known_implementations, "hf",
+                        {"class": "kdcache_absent_module.HfFileSystem", "err": "Install huggingface_hub to access HfFileSystem"})
+    monkeypatch.delitem(registry._registry, "hf", raising=False)
+    with pytest.raises(ImportError, match=r"cache hf://datasets/org/cache: reading hf:// needs huggingface_hub "
+                                          r"\(pip install huggingface_hub\)"):
+        open_cache("hf://datasets/org/cache")
