@@ -67,6 +67,10 @@ def _assert_same_cache(a, b, epochs=range(EPOCHS)):
     for e in epochs:
         for x, y in zip(a.lookup_rows(e, ids, views), b.lookup_rows(e, ids, views)):
             np.testing.assert_array_equal(x, y)
+        bulk = open_cache(b.path)
+        bulk.preload(e)  # runs of items per read give the same rows as item by item
+        for x, y in zip(a.lookup_rows(e, ids, views), bulk.lookup_rows(e, ids, views)):
+            np.testing.assert_array_equal(x, y)
     assert [r for r in a.missing_records() if r["epoch"] in epochs] == b.missing_records()
     np.testing.assert_array_equal(a.tail_model().basis, b.tail_model().basis)
     if list(epochs) == list(range(EPOCHS)):
@@ -97,7 +101,14 @@ def test_packed_reads_like_unpacked_local_and_http(cache, packed):
     requests: list = []
     with http_server(packed.parent, requests) as base:
         reader = open_cache(f"{base}/cache.zarr", expect={"fingerprint": "f" * 64, "k": K})
+        reader.lookup_rows(0, *_all_rows())  # item by item
+        reader.lookup_rows(1, *_all_rows())
+        item_requests = list(requests)
         _assert_same_cache(open_cache(cache), reader)
+    # a whole epoch in one preload is one GET per file; item by item, ranges
+    assert any(p.startswith("/cache.zarr/prob/c/2/") and a == 0 and b == os.path.getsize(packed / p[12:])
+               for p, a, b in requests[len(item_requests):])
+    requests = item_requests
     shard_reads = [(p, a, b) for p, a, b in requests if p.split("/")[2] in ("prob", "index", "tail_mass", "valid")]
     assert shard_reads and all(b - a < os.path.getsize(packed.parent / p.lstrip("/")) for p, a, b in shard_reads), \
         "shard files are read by range (their index, then one inner chunk per item)"
@@ -136,6 +147,8 @@ def test_flipped_byte_is_named_and_stops_the_read(packed, tmp_path):
     with http_server(tmp_path) as base:
         reader = open_cache(f"{base}/cache.zarr")
         reader.lookup_rows(1, ids[:16], views[:16])  # shards 0 and 1 of epoch 1 are intact
+        with pytest.raises(CacheCorruptError, match=r"file prob/c/1/0/0/0, epoch 1, shard 2: "):
+            open_cache(f"{base}/cache.zarr").preload(1)  # one read of shards 0-2, then item by item
         with pytest.raises(CacheCorruptError, match=r"file prob/c/1/0/0/0, epoch 1, shard 2: .*checksum") as e:
             reader.lookup_rows(1, ids, views)
         assert (e.value.file, e.value.epoch, e.value.shard) == ("prob/c/1/0/0/0", 1, 2)
@@ -307,3 +320,13 @@ def test_a_protocol_without_its_package_is_a_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"cache hf://datasets/org/cache: reading hf:// needs huggingface_hub "
                                           r"\(pip install huggingface_hub\)"):
         open_cache("hf://datasets/org/cache")
+
+
+def test_done_items_is_one_listing_without_reading_each_marker(cache, monkeypatch):
+    """A resume finds the done items from the listing alone: reading each marker back cost one GET
+    per item (34 s per 1282 markers on moto, bench/scale.py)."""
+    from storage import CacheReader
+
+    reader = open_cache(cache)
+    monkeypatch.setattr(CacheReader, "_done_record", lambda *a: pytest.fail("read a done marker"))
+    assert reader.done_items() == {(e, s) for e in range(EPOCHS) for s in range(len(SHARDS))}
