@@ -189,11 +189,16 @@ def _card(reader: CacheReader, dst: str, epochs: list[int], manifest: dict, audi
               "## Train a student from it", "",
               "The student replays the same augmentation from the data shards the manifest sha256 names",
               "and streams only the epochs its schedule reads (HTTP range requests); every read is checked.", "",
+              "Any student config works (e.g. configs/student/deit_s_imagenet_hard.yaml); these overrides point it "
+              "at this cache. `data.train` must hold shards whose manifest sha256 is the one above (the job read "
+              f"`{job.get('shards', '?')}`); `run.epochs` = epochs x views reads every row once.", "",
               "```bash",
-              f"python -m student.train --config configs/student/deit_s.yaml \\",
-              f"    cache.path={dst} \\",
-              f"    data.train={job.get('shards', 'DATA/train')} data.val=DATA/val \\",
-              f"    teacher.model={job.get('teacher', {}).get('name', a.get('teacher'))} run.out=runs/student",
+              "python -m student.train --config configs/student/deit_s_imagenet_hard.yaml \\",
+              f"    cache.path={dst} data.train={job.get('shards', 'DATA/train')} data.val=DATA/val \\",
+              f"    run.epochs={len(epochs) * reader.views} run.out=runs/student --dry-run   # the schedule, no GPU",
+              "torchrun --nproc_per_node 8 -m student.train --config configs/student/deit_s_imagenet_hard.yaml \\",
+              f"    cache.path={dst} data.train={job.get('shards', 'DATA/train')} data.val=DATA/val \\",
+              f"    run.epochs={len(epochs) * reader.views} run.out=runs/student",
               "```", "",
               f"A student epoch reads one cache epoch's rows ({reader.views} views per sample), so "
               f"{len(epochs) * reader.views} student epochs read this copy once; more cycle through it.",

@@ -330,3 +330,13 @@ def test_done_items_is_one_listing_without_reading_each_marker(cache, monkeypatc
     reader = open_cache(cache)
     monkeypatch.setattr(CacheReader, "_done_record", lambda *a: pytest.fail("read a done marker"))
     assert reader.done_items() == {(e, s) for e in range(EPOCHS) for s in range(len(SHARDS))}
+
+
+def test_card_reports_the_audit_given(cache, tmp_path):
+    report = {"0": {"rows": 64, "top1_agree": 1.0, "max_abs_dp": 0.0012, "max_abs_dlogprob": 0.01, "invalid": 0,
+                    "fidelity": {"tau": [1.0], "tv": [0.01], "kl": [0.001]}}}
+    (tmp_path / "audit.json").write_text(json.dumps(report))
+    pack(str(cache), str(tmp_path / "out.zarr"), epochs="0", audit=str(tmp_path / "audit.json"), log=None)
+    card = (tmp_path / "out.zarr" / "README.md").read_text()
+    assert "| 0 | 64 | 100.00 % | 1.20e-03 | 0 |" in card and "holds epochs 0 (" in card
+    assert "run.epochs=2" in card  # 1 epoch x 2 views
