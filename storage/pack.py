@@ -25,6 +25,7 @@ noted with its sha256 in ``pack.partial.json``; a re-run keeps the files whose b
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import sys
@@ -34,7 +35,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+import google_crc32c
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
@@ -44,9 +46,7 @@ from storage.cache import (PACK_MANIFEST, PACKED_KEY, CacheMismatchError, CacheR
 PACK_VERSION = 1
 JOURNAL = "pack.partial.json"
 CARD = "README.md"
-# per-row arrays and the shuffle that compressed them best (storage/cache.py create_cache)
-SHUFFLE = {"prob": "shuffle", "index": "shuffle", "tail_mass": "shuffle", "valid": "bitshuffle",
-           "tail_code": "noshuffle"}
+ROW_ARRAYS = ("prob", "index", "tail_mass", "tail_code", "valid")  # per-row, sharded per epoch
 TAIL_ARRAYS = ("tail_mean", "tail_step", "tail_basis")
 EMPTY = {"empty": True}  # journal entry of a shard file zarr did not write (all its items are the fill value)
 
@@ -110,6 +110,38 @@ def _check_finished(reader: CacheReader, epochs: list[int]) -> None:
         raise CacheNotFinished(f"cache {reader.path}: field tail_basis: the learned tail is not written yet")
 
 
+def _crc32c(data: bytes) -> bytes:
+    """The 4 bytes zarr's Crc32cCodec appends (little-endian uint32)."""
+    return np.uint32(google_crc32c.value(data)).tobytes()
+
+
+def _shard_file(src: zarr.Array, epoch: int, items: int) -> bytes:
+    """The packed shard file of ``src``'s epoch: the source's compressed item chunks copied as they
+    are (no decode, no recompression), each followed by its crc32c, then the index (offset, length
+    per item; 2^64-1 for an item zarr stored no chunk for, i.e. all fill value) and its crc32c, as
+    zarr's sharding codec (index at the end) writes and reads them."""
+    store_path = src.store_path
+    prototype = default_buffer_prototype()
+    keys = [f"{store_path.path}/{src.metadata.encode_chunk_key((epoch, s) + (0,) * (src.ndim - 2))}"
+            for s in range(items)]
+
+    async def _get_all():
+        return await asyncio.gather(*(store_path.store.get(key, prototype=prototype) for key in keys))
+
+    parts, offset = [], 0
+    index = np.full((items, 2), 2**64 - 1, dtype="<u8")
+    for s, value in enumerate(sync(_get_all())):
+        if value is None:
+            continue
+        raw = value.to_bytes()
+        chunk = raw + _crc32c(raw)
+        index[s] = (offset, len(chunk))
+        parts.append(chunk)
+        offset += len(chunk)
+    table = index.tobytes()
+    return b"".join(parts) + table + _crc32c(table)
+
+
 def _create(dst: str, reader: CacheReader, epochs: list[int]) -> zarr.Group:
     """The packed group and its arrays (metadata only); an existing one must be the same pack."""
     attrs = _plain({**reader.group.attrs, PACKED_KEY: {"epochs": epochs, "pack_version": PACK_VERSION}})
@@ -122,14 +154,16 @@ def _create(dst: str, reader: CacheReader, epochs: list[int]) -> zarr.Group:
     else:
         group.attrs.update(attrs)
     rows = (reader.epochs, len(reader.shards) * reader.slot, reader.views)
-    for name, shuffle in SHUFFLE.items():
+    for name in ROW_ARRAYS:
         if name not in reader.group or name in group:
             continue
         src = reader.group[name]
-        # one shard = one (array, epoch); one inner chunk = one (epoch, shard) item, as unpacked
+        # one shard = one (array, epoch); one inner chunk = one (epoch, shard) item, as unpacked, with
+        # the source's codecs plus crc32c (so _shard_file can copy the compressed chunks as they are)
         group.create_array(name, shape=src.shape, chunks=src.chunks, shards=(1,) + rows[1:] + src.shape[3:],
-                           dtype=src.dtype, fill_value=src.fill_value, config={"write_empty_chunks": True},
-                           compressors=[BloscCodec(cname="zstd", clevel=9, shuffle=shuffle), Crc32cCodec()])
+                           dtype=src.dtype, fill_value=src.fill_value, serializer=src.serializer,
+                           filters=src.filters,
+                           compressors=list(src.compressors) + ([] if reader.packed else [Crc32cCodec()]))
     if "done" not in group:
         group.create_array("done", shape=(reader.epochs, len(reader.shards)), chunks=(1, len(reader.shards)),
                            dtype=str, fill_value="", compressors=[ZstdCodec(level=9), Crc32cCodec()],
@@ -236,7 +270,7 @@ def pack(src: str, dst: str, epochs: str | None = None, audit: dict | str | None
         say(f"{dst}: already packed ({PACK_MANIFEST} present)")
         return json.loads(done_before)
     journal: dict = json.loads(files.get(JOURNAL) or b"{}")
-    names = [n for n in SHUFFLE if n in group] + ["done"]
+    names = [n for n in ROW_ARRAYS if n in group] + ["done"]
     kept = written = 0
     for epoch in chosen:
         for name in names:
@@ -245,9 +279,21 @@ def pack(src: str, dst: str, epochs: str | None = None, audit: dict | str | None
             if key in journal and (files.entry(key) or EMPTY) == journal[key]:
                 kept += 1
                 continue
-            dst_arr[epoch] = src_arr[epoch]
-            # every item of this epoch equal to the fill value (tail codes of a flat tail): zarr writes no file
-            journal[key] = files.entry(key) or EMPTY
+            if name == "done":  # JSON strings, re-encoded into one chunk per epoch
+                dst_arr[epoch] = src_arr[epoch]
+                # (an epoch whose chunks all hold the fill value gets no file: zarr writes none)
+                journal[key] = files.entry(key) or EMPTY
+            elif reader.packed is not None:  # a packed source (a subset of its epochs): the same file
+                data = _Files(reader.group).get(key)
+                if data is None or {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} \
+                        != reader.pack_manifest["files"].get(key):
+                    raise RuntimeError(f"pack {src}: file {key}: missing or not as its pack.json lists it")
+                files.put(key, data)
+                journal[key] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            else:
+                data = _shard_file(src_arr, epoch, len(reader.shards))
+                files.put(key, data)
+                journal[key] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             files.put(JOURNAL, json.dumps(journal).encode())  # after the file: a noted file is whole
             written += 1
         say(f"packed epoch {epoch} ({len(names)} files)")

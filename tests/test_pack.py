@@ -200,10 +200,11 @@ def test_interrupted_pack_looks_incomplete_and_resumes_keeping_its_files(cache, 
     out = tmp_path / "cache.zarr"
     real_put, puts = pack_module._Files.put, []
 
-    def dying_put(self, key, data):
-        if key == pack_module.JOURNAL and len(puts) == 7:
-            raise KeyboardInterrupt("killed mid-pack")
-        puts.append(key)
+    def dying_put(self, key, data):  # killed after the 8th file, before the journal notes it
+        if key == pack_module.JOURNAL:
+            if len(puts) == 7:
+                raise KeyboardInterrupt("killed mid-pack")
+            puts.append(key)
         real_put(self, key, data)
 
     monkeypatch.setattr(pack_module._Files, "put", dying_put)
@@ -340,3 +341,10 @@ def test_card_reports_the_audit_given(cache, tmp_path):
     card = (tmp_path / "out.zarr" / "README.md").read_text()
     assert "| 0 | 64 | 100.00 % | 1.20e-03 | 0 |" in card and "holds epochs 0 (" in card
     assert "run.epochs=2" in card  # 1 epoch x 2 views
+
+
+def test_a_packed_copy_repacks_to_a_subset_of_its_epochs(cache, packed, tmp_path):
+    """A local download of some epochs of a published copy: the same files, checked against its pack.json."""
+    manifest = pack(str(packed), str(tmp_path / "sub.zarr"), epochs="1-2", log=None)
+    assert manifest["files"]["prob/c/1/0/0/0"] == json.loads((packed / "pack.json").read_text())["files"]["prob/c/1/0/0/0"]
+    _assert_same_cache(open_cache(cache), open_cache(tmp_path / "sub.zarr"), epochs=[1, 2])
