@@ -691,11 +691,13 @@ class CacheReader(_CacheBase):
         buf["valid"][flat] = read(self._valid).reshape(-1)
         buf["loaded"][shard_index] = True
 
-    def preload(self, epoch: int, shards: Iterable[int] | None = None, block: int = 128) -> None:
+    def preload(self, epoch: int, shards: Iterable[int] | None = None, block: int | None = None) -> None:
         """Load the items ``(epoch, s)`` for ``s`` in ``shards`` (default all) not loaded yet, with one
-        read per array per run of up to ``block`` adjacent shards instead of one per item: on a
-        packed copy a run is one call into the shard file (its index once, then the inner chunks;
-        the whole file in one GET when the run is the whole epoch). A failed read is retried item
+        read per array per run of adjacent shards (at most ``block`` of them; None = the whole run)
+        instead of one per item. On a packed copy a whole epoch is then one GET per file (an
+        ImageNet epoch over HTTP on 127.0.0.1: 254k rows/s, 11 GETs, but ~310 MB more peak memory
+        for the decoded copy than ``block=128``: 135k rows/s, 6421 range GETs; bench/scale.py);
+        a part is the shard's index once, then one range per item. A failed read is retried item
         by item, so an error names the exact (file, epoch, shard).
 
         Raises:
@@ -710,8 +712,9 @@ class CacheReader(_CacheBase):
                 raise CacheNotReady(epoch, int(s), self.path)
         runs = np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1) if len(todo) else []
         for run in runs:
-            for i in range(0, len(run), block):
-                first, last = int(run[i]), int(run[min(i + block, len(run)) - 1])
+            step = len(run) if block is None else block
+            for i in range(0, len(run), step):
+                first, last = int(run[i]), int(run[min(i + step, len(run)) - 1])
                 try:
                     self._load_block(epoch, first, last + 1, buf)
                 except CacheCorruptError:
