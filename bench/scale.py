@@ -249,6 +249,8 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     per_epoch_files = 6
+    per_item_objects = 6  # prob, index, tail_mass, tail_code, valid chunks + the done marker
+    fixed_unpacked = objects_unpacked - per_item_objects * len(shards)
     fixed = objects_packed - per_epoch_files
     row_bytes = sum(f["size"] for k, f in manifest["files"].items() if "/c/" in k and not k.startswith("tail_")) / rows
     pack_rows_per_s = rows / pack_s
@@ -256,7 +258,8 @@ def main(argv=None) -> int:
     def extrapolate(epochs: int, images: int) -> dict:
         n = epochs * images * VIEWS
         return {"epochs": epochs, "images": images, "rows": n,
-                "objects_unpacked": epochs * len(shards_for(images)) * 7 + 12,
+                # per item one chunk of each row array + its done marker; + the metadata and tail basis
+                "objects_unpacked": epochs * len(shards_for(images)) * per_item_objects + fixed_unpacked,
                 "objects_packed": epochs * per_epoch_files + fixed,
                 "bytes_packed": round(n * row_bytes), "pack_hours_one_node": round(n / pack_rows_per_s / 3600, 2)}
 
