@@ -22,7 +22,7 @@ from pipeline.loader import LoaderConfig, ReplayLoader, split_loader
 from pipeline.plan import AugConfig, fingerprint
 from pipeline.schedule import Schedule
 from pipeline.shards import Manifest, load_manifest
-from storage import CacheMismatchError, CacheNotReady, CacheReader, open_cache
+from storage import CacheCorruptError, CacheMismatchError, CacheNotReady, CacheReader, EpochNotInCache, open_cache
 from student.config import TrainConfig
 
 
@@ -176,8 +176,11 @@ class TrainData:
                 return
             first = np.array([self.manifest.shards[s].first_id])
             with self._reader_lock:
-                if self.reader.is_done(cache_epoch, s):
-                    self.reader.lookup_rows(cache_epoch, first, np.zeros(1, np.int64))  # loads the shard
+                try:
+                    if self.reader.is_done(cache_epoch, s):
+                        self.reader.lookup_rows(cache_epoch, first, np.zeros(1, np.int64))  # loads the shard
+                except (CacheCorruptError, EpochNotInCache):
+                    return  # the join reads the same item and raises it in the training thread
 
     def _check_ready(self, epoch: int) -> None:
         """Without ``cache.wait`` fail fast, naming the first (epoch, shard) that is not done."""
