@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.make_shards import FMNIST_CLASSES, FMNIST_DIR, load_fmnist, main as make_shards_main
+from fmnist import FMNIST_DIR
+from pipeline.make_shards import FMNIST_CLASSES, load_fmnist, main as make_shards_main
 from pipeline.shards import (
     SampleError,
     shuffled,

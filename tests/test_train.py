@@ -29,6 +29,7 @@ from pipeline.shards import load_manifest
 from pipeline.work import run_item
 from student.checkpoint import load_checkpoint
 from student.train import main, train
+from fmnist import require_fmnist
 from teacher.model import TeacherConfig, create_model
 from test_student_data import AUG, TINY_TEACHER, build_cache, student_config
 
@@ -280,9 +281,7 @@ def test_short_fmnist_run_learns(tmp_path):
     """1 536 Fashion-MNIST images, 6 epochs (~15 s), tiny DeiT: val top-1 far above the 10% of chance."""
     from pipeline.make_shards import main as make_shards
 
-    fm = "/usr/share/datasets/fashion-mnist"
-    if not os.path.exists(os.path.join(fm, "train-images-idx3-ubyte.gz")):
-        pytest.skip("Fashion-MNIST IDX files not found")
+    fm = require_fmnist()
     root = tmp_path / "fm"
     make_shards(["fmnist", "--out", str(root), "--dir", fm, "--limit-train", "1536", "--limit-val", "500",
                  "--shard-size", "256"])
