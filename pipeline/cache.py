@@ -399,7 +399,7 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     manifest = load_manifest(cfg.shards)
     check_manifest(cfg, manifest)
     warning = class_mix_warning(manifest)
-    if warning and progress:
+    if warning:  # with or without progress (--no-progress): it says why a student would learn less
         print(warning, file=sys.stderr)
     attrs = resume_attrs(cfg, cache_attrs(cfg, manifest))
     writer = open_writer(cfg, manifest, attrs)

@@ -176,8 +176,9 @@ def index_shards(patterns: str | Sequence[str], out: str, *, classes: Sequence[s
 
 
 def padding(m: Manifest) -> float:
-    """Fraction of the cache's storage rows that are padding (slots of the largest shard's size)."""
-    return 1.0 - m.num_samples / (len(m.shards) * m.shard_size)
+    """Fraction of the cache's storage rows that are padding (storage.create_cache gives every shard a
+    slot of the largest shard's count, which may be below ``m.shard_size``, make_shards' configured size)."""
+    return 1.0 - m.num_samples / (len(m.shards) * max(s.count for s in m.shards))
 
 
 def default_workers() -> int:

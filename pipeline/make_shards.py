@@ -169,9 +169,9 @@ def _print_summary(m) -> None:
         print(f"  listed as bad (keeps sample_id {b['sample_id']}, cached as a missing row): {b['error']}",
               file=sys.stderr)
     if padding(m) > 0.1:
-        print(f"note: shard sizes vary ({min(s.count for s in m.shards):,}..{m.shard_size:,} samples): the cache "
-              f"gives every shard a slot of {m.shard_size:,} rows, {100 * padding(m):.0f}% of them padding",
-              file=sys.stderr)
+        counts = [s.count for s in m.shards]
+        print(f"note: shard sizes vary ({min(counts):,}..{max(counts):,} samples): the cache gives every shard "
+              f"a slot of {max(counts):,} rows, {100 * padding(m):.0f}% of them padding", file=sys.stderr)
     warning = class_mix_warning(m)
     if warning:
         print(warning, file=sys.stderr)

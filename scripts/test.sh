@@ -6,7 +6,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$root/scripts/setup.sh"
 cd "$root"
 set +e
-python -m pytest -q "$@"
+python -m pytest -q -rs "$@"   # -rs: every skip says why
 rc=$?
 set -e
 # pytest exit 5 = no tests collected: that is a failure for us, not a pass.

@@ -1,7 +1,7 @@
 """Shared test fixtures: small real data made on the fly (offline, ~1 s to build).
 
 * ``fmnist_shards``: Fashion-MNIST slice as shards (256 train / 128 val, shard_size 64) from
-  the Debian IDX files; skipped when they are absent.
+  the Debian IDX files; fails when they are absent (``tests/fmnist.py``: where and why).
 * ``make_imagefolder``: builder for a tiny RGB ImageFolder tree (JPEG + PNG files).
 * ``rgb_shards``: such a tree (3 classes x 7 images) written as a ``train`` split, shard_size 8.
 * ``s3_endpoint``: a local S3 server (moto, 127.0.0.1) for the session, found through the
@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fmnist import require_fmnist
 from hygiene import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (hooks: no side effects)
 
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _RAY_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
 _ray_saved: dict[str, str | None] = {}
 
@@ -79,12 +79,11 @@ def make_imagefolder():
 @pytest.fixture(scope="session")
 def fmnist_shards(tmp_path_factory) -> Path:
     """Dataset root with ``train`` (256 samples) and ``val`` (128) split folders, shard_size 64."""
-    if not os.path.exists(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")):
-        pytest.skip(f"Fashion-MNIST IDX files not found in {FMNIST_DIR} (Debian package fashion-mnist)")
+    fmnist_dir = require_fmnist()
     from pipeline.make_shards import main
 
     out = tmp_path_factory.mktemp("fmnist_shards")
-    main(["fmnist", "--out", str(out), "--dir", FMNIST_DIR, "--limit-train", "256",
+    main(["fmnist", "--out", str(out), "--dir", fmnist_dir, "--limit-train", "256",
           "--limit-val", "128", "--shard-size", "64"])
     return out
 

@@ -307,7 +307,8 @@ def test_efficientnet_lite0_chelsea_is_egyptian_cat(ray_session, tmp_path):
 
 def test_class_sorted_shards_get_a_warning(ray_session, teacher_ckpt, tmp_path, make_imagefolder, capsys):
     """Shards in class order (here make_shards --keep-order, as another tool might write them):
-    the job still caches them, and says why that is a problem and what to do."""
+    the job still caches them, and says why that is a problem and what to do, progress off too
+    (``--no-progress`` used to hide it)."""
     from pipeline.make_shards import main as make_shards_main
 
     src = make_imagefolder(tmp_path / "src", classes=[f"c{i}" for i in range(10)], per_class=8)
@@ -315,7 +316,7 @@ def test_class_sorted_shards_get_a_warning(ray_session, teacher_ckpt, tmp_path, 
                       "--shard-size", "16", "--keep-order"])
     capsys.readouterr()
     cfg = make_cfg(tmp_path / "wds" / "train", tmp_path / "c.zarr", teacher_ckpt, epochs=1, views=1)
-    summary = run_job(cfg, progress=True)
+    summary = run_job(cfg, progress=False)
     assert summary["images"] == 80
     err = capsys.readouterr().err
     assert "look class-sorted" in err and "make_shards" in err

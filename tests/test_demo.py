@@ -18,14 +18,19 @@ from pathlib import Path
 
 import pytest
 
+from fmnist import require_fmnist
 from test_readme import usage_commands
 
 REPO = Path(__file__).resolve().parents[1]
-FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 KEYS = ("teacher", "none", "soft", "hard_token", "hard_token_online", "second_arch")
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not os.path.exists(FMNIST), reason="Fashion-MNIST IDX files not installed")]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_fmnist():
+    """The demo reads Fashion-MNIST from its own default folder (scripts/demo.py)."""
+    require_fmnist()
 
 
 def _env() -> dict:

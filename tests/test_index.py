@@ -25,7 +25,8 @@ from PIL import Image  # noqa: E402
 
 from pipeline.cache import CacheJobConfig, run_job  # noqa: E402
 from pipeline.index import index_shards  # noqa: E402
-from pipeline.make_shards import FMNIST_CLASSES, FMNIST_DIR, load_fmnist  # noqa: E402
+from fmnist import FMNIST_DIR, require_fmnist  # noqa: E402
+from pipeline.make_shards import FMNIST_CLASSES, load_fmnist  # noqa: E402
 from pipeline.shards import SampleError, class_mix_warning, iter_samples, load_manifest  # noqa: E402
 from storage import open_cache  # noqa: E402
 from student.data import TrainData, open_checked_cache  # noqa: E402
@@ -81,8 +82,7 @@ def write_foreign(root: Path, layout: str) -> tuple[str, list[dict]]:
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory):
     """layout -> (shard pattern, samples written, manifest folder indexed with --skip-bad)."""
-    if not os.path.exists(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")):
-        pytest.skip(f"Fashion-MNIST IDX files not found in {FMNIST_DIR}")
+    require_fmnist()
     base = tmp_path_factory.mktemp("foreign")
     classes = base / "classes.txt"
     classes.write_text("\n".join(c.replace(" ", "_") for c in FMNIST_CLASSES) + "\n")

@@ -8,7 +8,8 @@ no Ray process of it is left.
 With the cluster file's token auth on, it also checks that a client without the token is refused.
 It changes the machine while it runs (installs and starts sshd, authorizes a key for root login,
 edits ~/.bashrc; all but the install undone on exit), so it runs only when opted in: ``KDCACHE_CLUSTER_CHECK=1 bash scripts/test.sh`` (``.ci/run`` does).
-Skipped otherwise, and when sshd cannot be installed or started (exit 77).
+Skipped otherwise, and when sshd cannot be installed or started (exit 77); without Fashion-MNIST it
+fails (tests/fmnist.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from fmnist import require_fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP = 77
@@ -27,8 +30,7 @@ SKIP = 77
 def test_ray_submit_end_to_end(tmp_path):
     if os.environ.get("KDCACHE_CLUSTER_CHECK") != "1":
         pytest.skip("opt-in: changes the machine (sshd, ~/.ssh); run with KDCACHE_CLUSTER_CHECK=1")
-    if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
-        pytest.skip("Fashion-MNIST IDX files not found (Debian package fashion-mnist)")
+    require_fmnist()
     env = {**os.environ, "KDCACHE_RAY_CHECK_DIR": str(tmp_path)}  # the script sets its own Ray auth
     proc = subprocess.run(["bash", str(REPO / "scripts" / "ray_submit_check.sh")], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.make_shards import FMNIST_CLASSES, FMNIST_DIR, load_fmnist, main as make_shards_main
+from fmnist import FMNIST_DIR
+from pipeline.make_shards import FMNIST_CLASSES, load_fmnist, main as make_shards_main
 from pipeline.shards import (
     SampleError,
     shuffled,
@@ -77,6 +78,29 @@ def test_rewrite_is_byte_identical(tmp_path, make_imagefolder):
     m = load_manifest(tmp_path / "a" / "train")
     assert m.order == {"shuffle_seed": None}
     assert [s.key for s in iter_samples(m)] == [p.stem for p, _ in _source_files(src)]   # source order
+
+
+def test_slot_is_the_largest_shard_not_the_configured_size(tmp_path, make_imagefolder, capsys):
+    """A split smaller than --shard-size: one shard of 12 in a slot of 12 rows (no padding, no note);
+    the configured size stays in the manifest (it names the command), the cache's slot does not use it."""
+    from pipeline.index import padding
+    from storage import open_cache
+    from storage.cache import create_cache
+
+    src = make_imagefolder(tmp_path / "src")                               # 3 classes x 4 images
+    for size, counts, pad in (("1000", [12], 0.0), ("5", [5, 5, 2], 0.2)):
+        out = tmp_path / f"o{size}"
+        make_shards_main(["imagefolder", "--train-dir", str(src), "--out", str(out), "--shard-size", size])
+        err = capsys.readouterr().err
+        m = load_manifest(out / "train")
+        assert m.shard_size == int(size) and [s.count for s in m.shards] == counts
+        assert padding(m) == pytest.approx(pad)
+        assert ("of them padding" in err) == (pad > 0.1), err
+        if pad:
+            assert "shard sizes vary (2..5 samples): the cache gives every shard a slot of 5 rows, 20%" in err, err
+        create_cache(out / "c.zarr", shards=m.shards, epochs=1, views=1, k=3, num_classes=3, attrs={})
+        reader = open_cache(out / "c.zarr")
+        assert reader.slot == max(counts) and reader.group["valid"].shape == (1, len(counts) * max(counts), 1)
 
 
 def test_tampered_and_truncated_shard(tmp_path, make_imagefolder):

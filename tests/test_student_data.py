@@ -35,16 +35,18 @@ TINY_STUDENT = {"name": "deit_tiny_distilled_patch16_224", "drop_path_rate": 0.0
 
 
 def build_cache(shards_root: Path, out: Path, *, epochs: int = 2, views: int = 1, k: int = 3, seed: int = 7,
-                aug: dict | None = None, items=None) -> CacheJobConfig:
+                aug: dict | None = None, items=None, teacher_state: dict | None = None) -> CacheJobConfig:
     """Cache ``items`` (default all) of the train split with the tiny teacher; returns the job config.
 
-    The teacher's (seeded random) weights go to a file next to the cache, so an online
-    teacher built from the cache's job config is the very same network.
+    The teacher's weights (``teacher_state``, default a seeded random init) go to a file next to
+    the cache, so an online teacher built from the cache's job config is the very same network.
     """
     weights = out.parent / f"{out.name}.teacher.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.save(create_model(TeacherConfig.from_dict(TINY_TEACHER)).state_dict(), weights)
+    if teacher_state is None:
+        torch.manual_seed(0)
+        teacher_state = create_model(TeacherConfig.from_dict(TINY_TEACHER)).state_dict()
+    torch.save(teacher_state, weights)
     cfg = CacheJobConfig.from_dict({
         "shards": str(shards_root / "train"), "out": str(out), "epochs": epochs, "views": views, "k": k,
         "seed": seed, "batch_size": 64, "num_workers": 0, "aug": aug if aug is not None else AUG,
