@@ -50,6 +50,16 @@ def _report(skipped: SkipSink, record: dict) -> None:
         skipped.append(record)
 
 
+def _decode(by_id: dict, sid: int, cfg: AugConfig, decoded: dict):
+    """The decoded image of ``sid`` (or its SampleError), through the ``decoded`` cache."""
+    if sid not in decoded:
+        try:
+            decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose, cfg.max_pixels)
+        except SampleError as exn:
+            decoded[sid] = exn
+    return decoded[sid]
+
+
 def replay_items(
     samples: Sequence[RawSample],
     shard: ShardInfo,
@@ -106,12 +116,7 @@ def replay_items(
             if sid not in made:
                 made[sid] = premixed(sid)
             return made[sid]
-        if sid not in decoded:
-            try:
-                decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose, cfg.max_pixels)
-            except SampleError as exn:
-                decoded[sid] = exn
-        return decoded[sid]
+        return _decode(by_id, sid, cfg, decoded)
 
     def augmented_of(sid: int, size: int = out_size) -> torch.Tensor:
         if (sid, size) not in augmented:
@@ -179,12 +184,7 @@ def replay_row(by_id: dict[int, RawSample], shard: ShardInfo, cfg: AugConfig, se
         sample or its partner cannot be decoded.
     """
     def image_of(sid: int):
-        if sid not in decoded:
-            try:
-                decoded[sid] = decode_image(by_id[sid], cfg.exif_transpose, cfg.max_pixels)
-            except SampleError as exn:
-                decoded[sid] = exn
-        return decoded[sid]
+        return _decode(by_id, sid, cfg, decoded)
 
     a, b = by_id[sample_id], by_id[partner]
     record = {"shard": shard.name, "key": a.key, "sample_id": sample_id, "epoch": epoch, "view": view}

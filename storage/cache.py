@@ -674,22 +674,7 @@ class CacheReader(_CacheBase):
     def _load(self, epoch: int, shard_index: int, buf: dict[str, np.ndarray]) -> None:
         if not self.is_done(epoch, shard_index):
             raise CacheNotReady(epoch, shard_index, self.path)
-        lo, count = shard_index * self.slot, self.shards[shard_index][1]
-        sl = slice(lo, lo + count)
-        flat = slice(lo * self.views, (lo + count) * self.views)
-        if self.packed is not None:
-            def read(array: zarr.Array) -> np.ndarray:
-                return self._read_packed(array, epoch, shard_index, (epoch, sl))
-        else:
-            def read(array: zarr.Array) -> np.ndarray:
-                return array[epoch, sl]
-        codes, index = encoding.decode_rows(read(self._prob).reshape(-1, self.k), read(self._index).reshape(-1, self.k))
-        buf["codes"][flat], buf["index"][flat] = codes, index
-        buf["tail_mass"][flat] = read(self._tail_mass).reshape(-1)
-        if "tail_code" in buf:
-            buf["tail_code"][flat] = read(self.group["tail_code"]).reshape(count * self.views, -1)
-        buf["valid"][flat] = read(self._valid).reshape(-1)
-        buf["loaded"][shard_index] = True
+        self._load_block(epoch, shard_index, shard_index + 1, buf)
 
     def preload(self, epoch: int, shards: Iterable[int] | None = None, block: int | None = None) -> None:
         """Load the items ``(epoch, s)`` for ``s`` in ``shards`` (default all) not loaded yet, with one
