@@ -33,21 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 import pipeline.loader as loader_mod  # noqa: E402
 import pipeline.replay as replay_mod  # noqa: E402
-from bench.photos import imagenet_jpegs  # noqa: E402
+from bench.accelerator import make_shards  # noqa: E402  (ImageNet-like photo crops in shards)
 from pipeline.loader import LoaderConfig, ReplayLoader  # noqa: E402
 from pipeline.plan import AugConfig  # noqa: E402
 from pipeline.schedule import RankOrder, Schedule, lay_out  # noqa: E402
-from pipeline.shards import SourceSample, write_shards  # noqa: E402
 
 VIEWS, OUT, CLASSES, SEED = 3, 224, 1000, 0
-
-
-def make_shards(work: Path, n: int, shard_size: int):
-    labels = np.random.default_rng(1).integers(0, CLASSES, n)
-    samples = [SourceSample(key=f"img{i:05d}", label=int(labels[i]), path=f"photo crop {i}", data=data)
-               for i, data in enumerate(imagenet_jpegs(n))]
-    return write_shards(samples, work / "ds", "train", [f"class_{c}" for c in range(CLASSES)], shard_size,
-                        overwrite=True, source="bench/sampler.py ImageNet-like photo crops")
 
 
 def views_on_one_rank(sched: Schedule, world: int, batch: int) -> RankOrder:
