@@ -83,7 +83,9 @@ def batch_stats(train_cfg, epochs: int) -> dict:
 
     Uses the student's own loader on the run's config (replayed at 32 px: order and rows do not
     depend on the size) for one pass over the cache. The uniform baseline draws batches at
-    random from the rows the same epoch reads (with the ra sampler: N/3 samples x 3 views).
+    random from the rows the same epoch reads (with the ra sampler: N/3 samples x 3 views), as
+    many distinct samples as the batch holds: a batch holds a sample's views together (repeated
+    augmentation in one step, as DeiT's RASampler), so about B/3 samples.
     """
     from pipeline.shards import expected_distinct, iter_samples, load_manifest
     from student.data import TrainData, open_checked_cache
@@ -93,20 +95,22 @@ def batch_stats(train_cfg, epochs: int) -> dict:
     reader, plan = open_checked_cache(cfg, manifest)
     data = TrainData(cfg, manifest, plan, reader, log=lambda *_: None)
     label = {s.sample_id: s.label for s in iter_samples(manifest)}
-    distinct, uniform, pairs, same = [], [], 0, 0
+    distinct, uniform, samples, pairs, same = [], [], [], 0, 0
     for t in range(epochs * plan.views):
-        for b in data.loader(t):
-            if len(b["label"]) == data.batch_size:
-                distinct.append(len(set(b["label"].tolist())))
         rows = Counter()
         for u in data.schedule.units(t):
             for a, p in u.pairs(plan.seed, manifest.shards[u.shard]):
                 rows[label[a]] += 1
                 pairs += 1
                 same += label[a] == label[p]
-        uniform.append(expected_distinct(list(rows.values()), data.batch_size))
+        for b in data.loader(t):
+            if len(b["label"]) == data.batch_size:
+                distinct.append(len(set(b["label"].tolist())))
+                samples.append(len(set(b["sample_id"].tolist())))
+                uniform.append(expected_distinct(list(rows.values()), samples[-1]))
     c = len(set(label.values()))
     return {"distinct_per_batch": sum(distinct) / len(distinct), "batches": len(distinct),
+            "samples_per_batch": sum(samples) / len(samples),
             "distinct_uniform": sum(uniform) / len(uniform), "classes": c,
             "same_class_pairs": same / pairs, "pairs": pairs, "same_class_bound": 2 / c,
             "same_class_tolerance": 3 * math.sqrt((2 / c) * (1 - 2 / c) / pairs)}
@@ -176,7 +180,8 @@ def main(argv=None) -> int:
     agree = min(r["top1_agree"] for r in audit.values())
     checks = {
         "batches class-mixed (>= 90% of uniform)":
-            (f"{stats['distinct_per_batch']:.1f} vs {stats['distinct_uniform']:.1f} distinct of {BATCH}",
+            (f"{stats['distinct_per_batch']:.1f} vs {stats['distinct_uniform']:.1f} distinct classes in batches of {BATCH} "
+             f"({stats['samples_per_batch']:.1f} samples each: views together)",
              stats["distinct_per_batch"] >= 0.9 * stats["distinct_uniform"]),
         "same-class mix pairs (<= 2/C + 3 s.e.)":
             (f"{100 * stats['same_class_pairs']:.2f}% vs {100 * stats['same_class_bound']:.1f}% "

@@ -82,7 +82,7 @@ def trained_teacher_state(shards_root: Path, epochs: int = 30) -> dict:
     torch.manual_seed(0)
     model = create_model(TeacherConfig.from_dict(TINY_TEACHER))
     aug = AugConfig.from_dict({**AUG, "enabled": False})
-    lcfg = LoaderConfig(batch_size=64, out_size=28, num_workers=0, shuffle_buffer=0)
+    lcfg = LoaderConfig(batch_size=64, out_size=28, num_workers=0)
     batches = list(split_loader(load_manifest(shards_root / "train"), aug, lcfg))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
