@@ -28,14 +28,20 @@ def imagenet_sized_split(root: Path) -> Path:
     return split
 
 
-def test_imagenet_config_dry_run(tmp_path, monkeypatch, capsys):
+def imagenet_split_and_empty_cache(tmp_path: Path) -> tuple[Path, Path]:
+    """The ImageNet-sized split and the (empty) cache the caching job creates when it starts:
+    100 epochs x 3 views, k=10 (configs/cache/imagenet_regnety160.yaml)."""
     split = imagenet_sized_split(tmp_path / "imagenet-wds")
     cache = tmp_path / "cache.zarr"
-    # the (empty) cache the caching job creates when it starts: 100 epochs x 3 views, k=10
     job = load_config(CacheJobConfig, REPO / "configs/cache/imagenet_regnety160.yaml",
                       [f"shards={split}", f"out={cache}", "teacher.checkpoint=null"])
     manifest = load_manifest(split)
     open_writer(job, manifest, cache_attrs(job, manifest))
+    return split, cache
+
+
+def test_imagenet_config_dry_run(tmp_path, monkeypatch, capsys):
+    split, cache = imagenet_split_and_empty_cache(tmp_path)
 
     import student.models
 
@@ -114,12 +120,7 @@ def test_order_out_from_the_manifest_alone(tmp_path, capsys):
 
 
 def test_dry_run_with_deits_options_and_the_recipe_block(tmp_path, capsys):
-    split = imagenet_sized_split(tmp_path / "imagenet-wds")
-    cache = tmp_path / "cache.zarr"
-    job = load_config(CacheJobConfig, REPO / "configs/cache/imagenet_regnety160.yaml",
-                      [f"shards={split}", f"out={cache}", "teacher.checkpoint=null"])
-    manifest = load_manifest(split)
-    open_writer(job, manifest, cache_attrs(job, manifest))
+    split, cache = imagenet_split_and_empty_cache(tmp_path)
     args = ["--config", str(REPO / "configs/student/deit_s_imagenet_hard.yaml"), "--dry-run", "--world-size", "8",
             f"data.train={split}", f"cache.path={cache}", "data.val=null"]
     report = main(args + ["data.drop_last=true", "optim.lr_step=epoch", "run.amp=fp16", "data.eval_resize=deit"])
