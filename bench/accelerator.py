@@ -1,5 +1,5 @@
 """Does the data path keep an accelerator busy? Replay speed, caching job and student, measured
-against a simulated accelerator (``teacher/simulated.py``: a forward that sleeps batch / rate).
+against a simulated accelerator (``bench/simulated.py``: a forward that sleeps batch / rate).
 
     python bench/accelerator.py            # ~15 min on 2 CPU cores; writes bench/results/accelerator.json
     python bench/accelerator.py --skip-cache --out /tmp/student.json   # the student part only
@@ -12,7 +12,7 @@ rand-m9-mstd0.5-inc1, erasing 0.25, Mixup 0.8 / CutMix 1.0), 3 views per sample.
 Every figure is a ratio of things measured side by side in this run:
 
 * ``replay_capacity_per_core``: images/s of one core running the caching job's replay
-  (``pipeline.feed.ItemFeed`` without workers): each sample decoded once, 3 views
+  (``teacher.feed.ItemFeed`` without workers): each sample decoded once, 3 views
   (``sample_params`` + ``augment`` + ``finish``), mixed with its planned partner.
   ``timm_per_core``: one core decoding the same bytes once per view and running timm's
   ``create_transform`` with DeiT's arguments, as DeiT's repeated-augmentation loader does
@@ -33,7 +33,7 @@ Every figure is a ratio of things measured side by side in this run:
   at twice it (goal >= 0.9); ``..._vs_cpu_time_capacity`` divides by ``--workers`` x
   ``worker_capacity_per_core`` instead (the same on a quiet machine). ``cluster_*``: the same
   with ``replay: ray`` (Ray tasks on ``--workers`` CPUs, results through the object store).
-  ``ray_job_eff_teacher_bound``: ``pipeline.cache.run_job`` with one Ray actor, its steady
+  ``ray_job_eff_teacher_bound``: ``teacher.cache.run_job`` with one Ray actor, its steady
   rate (after actor start-up, the first item's fill included) over the teacher's rate.
 * Student (``student.train.train``, loss hard, ``--workers`` loader workers, the loader's ordering
   settings at their defaults) whose model is the simulated accelerator (the step sleeps
@@ -88,13 +88,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.photos import imagenet_jpegs  # noqa: E402
-from pipeline.job import CacheJobConfig  # noqa: E402
+from teacher.job import CacheJobConfig  # noqa: E402
 from pipeline.plan import AugConfig  # noqa: E402
 from pipeline.premix import premix  # noqa: E402
 from pipeline.shards import SourceSample, decode_image, load_manifest, read_shard, write_shards  # noqa: E402
 
 VIEWS, OUT, CLASSES, BATCH = 3, 224, 1000, 64
-SIMULATED = "teacher.simulated:sleeping_net"
+SIMULATED = "bench.simulated:sleeping_net"
 
 
 def make_shards(work: Path, n: int, shard_size: int):
@@ -126,8 +126,8 @@ def _cpu_rate(fn) -> tuple[int, float, float]:
 def replay_images(cfg: CacheJobConfig, manifest, shard_samples: dict) -> int:
     """The job's whole replay of every item on one core (workers inline, in the feed's batcher
     thread): decode once, 3 views, finish, mix, batch."""
-    from pipeline.pool import InlinePool
-    from pipeline.work import ItemFeed
+    from teacher.pool import InlinePool
+    from teacher.work import ItemFeed
 
     feed = ItemFeed(cfg, manifest, OUT, pool=InlinePool(), read=lambda manifest, shard: shard_samples[shard.index])
     n = 0
@@ -209,8 +209,8 @@ def bench_per_core(cfg, manifest, rounds: int) -> dict:
 def workers_alone(cfg: CacheJobConfig, manifest, shard_samples: dict) -> float:
     """Wall-clock images/s of ``cfg``'s replay workers alone, now: every item's pre-mix images
     (decode once, augment 3 views), results drained in order, nothing finished or scored."""
-    from pipeline.feed import GROUP_SAMPLES
-    from pipeline.pool import make_pool
+    from teacher.feed import GROUP_SAMPLES
+    from teacher.pool import make_pool
 
     pool = make_pool(cfg.replay, cfg.num_workers)
     try:
@@ -230,9 +230,9 @@ def bench_items(manifest, work: Path, name: str, rate: float, **kw) -> dict:
     once), ``run_item`` per item naming the next one as ``prefetch``, rows written to Zarr.
     Images/s counts from the end of the first item (the pipeline fill, like actor start-up,
     is paid once per actor), so the 7+ item boundaries after it are all inside the figure."""
-    from pipeline.feed import ItemFeed
-    from pipeline.job import cache_attrs, make_teacher, open_writer
-    from pipeline.work import run_item
+    from teacher.feed import ItemFeed
+    from teacher.job import cache_attrs, make_teacher, open_writer
+    from teacher.work import run_item
 
     cfg = job_config(manifest, str(work / f"{name}.zarr"), rate, **kw)
     feed = ItemFeed(cfg, manifest, OUT)
@@ -258,8 +258,8 @@ def bench_items(manifest, work: Path, name: str, rate: float, **kw) -> dict:
 
 
 def bench_ray_job(manifest, work: Path, rate: float, workers: int) -> dict:
-    """The same through ``pipeline.cache.run_job``: one Ray actor (steady = after actor start-up)."""
-    from pipeline.cache import run_job
+    """The same through ``teacher.cache.run_job``: one Ray actor (steady = after actor start-up)."""
+    from teacher.cache import run_job
 
     cfg = job_config(manifest, str(work / "ray_job.zarr"), rate, num_workers=workers)
     s = run_job(cfg, progress=False)

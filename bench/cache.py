@@ -7,7 +7,7 @@ bf16 autocast on CUDA) over Fashion-MNIST images (PNG 28 px, replayed with the f
 at 224 px: RRC, flip, RandAugment, erasing, mixup/cutmix), 1 epoch x 1 view, k = 10.
 At 224 px the forward dominates on CPU, as RegNetY-16GF's does on a GPU.
 
-* ``cache_over_forward``: images/s of :func:`pipeline.work.run_item` (read shard, replay in
+* ``cache_over_forward``: images/s of :func:`teacher.work.run_item` (read shard, replay in
   1 decode process, score, write) ÷ images/s of ``Teacher.forward_logits`` alone on the
   same device and batch size, measured side by side in this run. On CPU the teacher gets
   ``cpu_count - num_workers`` threads in BOTH measurements, so the decode process has a core
@@ -19,7 +19,7 @@ At 224 px the forward dominates on CPU, as RegNetY-16GF's does on a GPU.
   (``num_workers=0``). Scaling, not oversubscription: the run with A actors gets a Ray instance
   of A CPUs whose processes are pinned to A cores (``sched_setaffinity`` before ``ray.init``, so
   an actor's replay thread cannot borrow an idle core), and every actor's torch uses its
-  ``num_cpus`` threads (``pipeline.pool.use_ray_cpus``; ``actor_torch_threads`` is what a probe
+  ``num_cpus`` threads (``teacher.pool.use_ray_cpus``; ``actor_torch_threads`` is what a probe
   actor with the same options got). Runs alternate 1, 2, 1, 2 (``--repeats``), the ratio is the
   median of each 2-actor run over the mean of the 1-actor runs around it; the rates including
   start-up and calibration are reported beside it.
@@ -70,7 +70,7 @@ def make_inputs(work: Path, samples: int, shard_size: int = 256) -> tuple[str, s
 
 
 def job_config(shards: str, ckpt: str, out: str, **kw):
-    from pipeline.cache import CacheJobConfig
+    from teacher.cache import CacheJobConfig
 
     d = dict(shards=shards, out=out, epochs=1, views=1, k=10, batch_size=64, num_workers=1, actors=1,
              teacher={**TEACHER, "checkpoint": ckpt})
@@ -82,10 +82,10 @@ def bench_item_vs_forward(cfg) -> dict:
     """run_item images/s and bare-forward images/s, same device/batch, one process."""
     import torch
 
-    from pipeline.cache import cache_attrs, make_teacher, open_writer
-    from pipeline.calibrate import calibrate_tail
+    from teacher.cache import cache_attrs, make_teacher, open_writer
+    from teacher.calibrate import calibrate_tail
     from pipeline.shards import load_manifest
-    from pipeline.work import run_item
+    from teacher.work import run_item
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":  # the decode worker gets its own core (see the module docstring)
@@ -141,7 +141,7 @@ def _probe_threads(ray) -> dict:
         def threads(self):
             import torch
 
-            from pipeline.pool import use_ray_cpus
+            from teacher.pool import use_ray_cpus
 
             before = torch.get_num_threads()
             return {"omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "torch_threads_before_pin": before,
@@ -159,7 +159,7 @@ def ray_run(shards: str, ckpt: str, out: str, actors: int) -> dict:
     processes (raylet, actors) are pinned to ``actors`` cores of this machine."""
     import ray
 
-    from pipeline.cache import run_job
+    from teacher.cache import run_job
 
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < actors:

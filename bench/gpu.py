@@ -9,7 +9,7 @@ is ``bench/cache.py``'s; a row is 16 bytes) and the cached student's targets are
 top-k of the same images, held on the GPU as the cache's rows would be after the join.
 Weights are random (nothing is downloaded): speed does not depend on them.
 
-* ``cache_over_forward``: images/s of the caching data path (``pipeline.feed.ItemFeed``: the
+* ``cache_over_forward``: images/s of the caching data path (``teacher.feed.ItemFeed``: the
   job's persistent replay workers, one per CPU core but one, each sample decoded once for 3
   views, rows finished into pinned batches, ``non_blocking`` copies) feeding
   ``Teacher.score`` over 8+ items with prefetch, after the first item, divided by the bare
@@ -42,11 +42,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from accelerator import make_shards, write_result  # noqa: E402  (ImageNet-like JPEG shards from real photos)
-from pipeline.feed import ItemFeed, item_pairs  # noqa: E402
-from pipeline.job import CacheJobConfig, make_teacher  # noqa: E402
+from teacher.feed import ItemFeed, item_pairs  # noqa: E402
+from teacher.job import CacheJobConfig, make_teacher  # noqa: E402
 from pipeline.replay import replay_items  # noqa: E402
 from pipeline.shards import read_shard  # noqa: E402
-from pipeline.work import score_item  # noqa: E402
+from teacher.work import score_item  # noqa: E402
 from teacher.device import non_blocking, pin_memory  # noqa: E402
 
 FULL = dict(teacher="regnety_160", student="deit_small_distilled_patch16_224", img=224, batch=256,

@@ -9,7 +9,7 @@ shard) item, whole-chunk writes, done marker last): a pool of 4 items is encoded
 random 1000-class logits (``CacheWriter.encode``: top-k codes, gaps, tail mass, learned-tail codes
 against a basis fitted on such logits), and each item stores one of them with its rows rolled, so
 chunks compress as a real item of these logits does (no two neighbouring items identical). The
-encoding itself is the caching job's thread work (pipeline/work.py) and is not timed here.
+encoding itself is the caching job's thread work (teacher/work.py) and is not timed here.
 
 Figures: write rows/s (local disk), pack rows/s (``python -m storage.pack``, local to local),
 objects and bytes before/after packing, reader rows/s of the packed copy from local disk and from
@@ -65,7 +65,7 @@ def count_files(path: Path) -> tuple[int, int]:
 
 def write(path: Path, shards: list[tuple[int, int]]) -> float:
     """Write every item of a 1-epoch cache through the real writer; returns seconds of the writes."""
-    from teacher.tail import TailModel
+    from storage.tail import TailModel
 
     rng = np.random.default_rng(0)
     attrs = {"teacher": "synthetic", "checkpoint_sha256": "0" * 64, "fingerprint": "f" * 64,
@@ -98,7 +98,7 @@ def read(url: str, per_item: bool) -> dict:
     and peak RSS. Loaded with ``preload`` (runs of 128 shards per read), or ``per_item``: one item
     at a time, as the student's prefetch thread loads today (``lookup_rows`` of one row per shard)."""
     reader = open_cache(url)
-    reader.tail_model()  # imports torch (teacher/tail.py): not the reader's time
+    reader.tail_model()  # imports torch (storage/tail.py): not the reader's time
     rss_open = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n = reader.num_samples
     order = np.random.default_rng(1).permutation(n * VIEWS)

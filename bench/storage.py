@@ -7,7 +7,7 @@ Rows are the eval half of bench/realrows.py (real 1000-class EfficientNet-Lite0 
 views of every photo the installed packages ship, Mixup/CutMix on); the learned tail is fitted on
 the fit half. They are written through ``storage`` in its current format (``format_version`` in the
 JSON, with the commit; encoding: storage/encoding.py) with the default learned tail
-(teacher/tail.py), 3 views per sample in 3000-row chunks, and read back.
+(storage/tail.py), 3 views per sample in 3000-row chunks, and read back.
 
 Bytes/row = bytes of each per-row array's chunks on disk / rows (zarr.json metadata excluded; the
 tail basis, one array per cache, is reported apart). Errors compare the stored top-k with the exact
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from storage import encoding
-    from teacher.tail import TailConfig, TailModel
+    from storage.tail import TailConfig, TailModel
 
     data = teacher_rows(2500)
     logits = torch.from_numpy(data["logits"])

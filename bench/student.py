@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._env import provenance  # noqa: E402
-from pipeline.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
+from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
-from pipeline.work import run_item  # noqa: E402
+from teacher.work import run_item  # noqa: E402
 from student.config import TrainConfig  # noqa: E402
 from student.data import TrainData, open_checked_cache  # noqa: E402
 from student.losses import DistillationLoss  # noqa: E402

@@ -11,10 +11,10 @@ never saw.
 
 For each k in (1, 5, 10, 20, 50, 100) and τ in (1, 2, 3, 4): mean total variation and KL(true ‖
 rebuilt) between ``softmax(logits / τ)`` and the soft target a student rebuilds
-(teacher/targets.py), for
+(storage/targets.py), for
 
 * exact fp32 top-k with a uniform tail, a mean tail shape, a class-conditional tail, and the
-  learned PCA tail (teacher/tail.py);
+  learned PCA tail (storage/tail.py);
 * what a cache stores: format 2 (the previous encoding), format 3 with a uniform tail
   (``tail.dim=0``) and format 3 with the default learned tail, each written and read back
   through ``storage`` with its bytes per row.
@@ -29,7 +29,7 @@ Choosing the default (``tail_choice``): the rule is "the most faithful point (TV
 32 bytes per row at k = 10", applied on rows that report no figure: the fit half's photos are
 split again by group (``realrows.split_of``); candidate tails are fitted on the rows of one part
 and judged on the rows of the other (a row belongs to a part when its photo and its Mixup partner
-both do). The default (teacher/tail.py) was first chosen on the eval rows' scan, the rows that
+both do). The default (storage/tail.py) was first chosen on the eval rows' scan, the rows that
 report its TV; ``default_is_choice`` says whether the held-out choice agrees. A different choice
 is reported, not adopted: the default sets the bytes every cache stores. ``--choice-only``
 computes just this against the eval scan already in the JSON (minutes instead of the full run).
@@ -82,8 +82,8 @@ def choice_split(data: dict) -> tuple[np.ndarray, np.ndarray]:
 def scan_point(fit: torch.Tensor, rows: torch.Tensor, d: int, step: float, topk_bytes: float) -> dict:
     """One learned tail (fitted on ``fit``) judged on ``rows`` at k = 10: bytes (stored top-k row with a
     uniform tail + the tail codes) and the rebuild's TV/KL."""
-    from teacher.tail import TailModel
-    from teacher.targets import targets_from_logits
+    from storage.tail import TailModel
+    from storage.targets import targets_from_logits
 
     model = TailModel.fit(fit.numpy(), d, step)
     code_bytes = blosc_bytes(model.encode(rows).numpy(), 0) / len(rows)
@@ -158,7 +158,7 @@ def class_prior(fit: torch.Tensor, ev: torch.Tensor, k: int) -> torch.Tensor:
 
 def format2_targets(ev: torch.Tensor, k: int):
     """Format 2's stored rows and their bytes per row (uint8 codes, uint16 id gaps, valid)."""
-    from teacher.targets import TeacherTargets
+    from storage.targets import TeacherTargets
 
     lp, idx = torch.log_softmax(ev.double(), -1).topk(k, dim=-1)
     order = np.argsort(idx.numpy(), axis=1)
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="compute only tail_choice, against the eval scan already in --out, and update it there")
     args = ap.parse_args(argv)
 
-    from teacher.tail import TailConfig, TailModel
-    from teacher.targets import TeacherTargets, targets_from_logits
+    from storage.tail import TailConfig, TailModel
+    from storage.targets import TeacherTargets, targets_from_logits
 
     data = teacher_rows(ROWS_PER_SPLIT)
     logits = torch.from_numpy(data["logits"])

@@ -24,7 +24,7 @@ DEBUG_ENV = "KDCACHE_DEBUG"
 USER_ERRORS: dict[str, tuple[str, ...]] = {
     "pipeline.config": ("ConfigError",),            # bad key / value / override (names the field)
     "pipeline.shards": ("ShardError",),             # missing manifest, broken or changed shard
-    "pipeline.cache": ("CacheJobError",),           # work items that failed (names them)
+    "teacher.cache": ("CacheJobError",),           # work items that failed (names them)
     "storage.cache": ("CacheMismatchError", "CacheNotReady"),
     "teacher.model": ("TeacherLoadError",),
     "teacher.weights": ("WeightsError",),           # timm pretrained weights missing offline / not fitting

@@ -8,8 +8,8 @@ Steps (each a CLI of the project, run as a subprocess with its log under OUT/log
  1. ``pipeline.make_shards``: Fashion-MNIST -> train/val WebDataset shards.
  2. ``student.train`` (loss none, no cache) trains the teacher (regnety_002, stride-1 stem, 32 px);
     its weights are exported as ``OUT/teacher/teacher.pt`` = ``{"model": state_dict}``.
- 3. ``pipeline.cache`` (Ray, embedded) scores E epochs x V views of the DeiT augmentation once;
-    ``pipeline.audit`` re-scores a sample of rows.
+ 3. ``teacher.cache`` (Ray, embedded) scores E epochs x V views of the DeiT augmentation once;
+    ``teacher.audit`` re-scores a sample of rows.
  4. ``student.train`` trains every student of the run list from that one cache (and one
     online-teacher variant for the cost comparison), several seeds each.
  5. Tables (DeiT Table 3: top-1 per method/token; Table 4: disagreement between models),
@@ -187,9 +187,9 @@ def read_cache_summary(cache: Path) -> dict:
 
 
 def audit(cache: Path, cfg: DemoConfig) -> dict:
-    """``pipeline.audit --json``: per epoch, top-1 agreement, max |Δp| and |Δ log-prob| of re-scored rows."""
+    """``teacher.audit --json``: per epoch, top-1 agreement, max |Δp| and |Δ log-prob| of re-scored rows."""
     report = Path(cfg.out) / "audit.json"
-    run_step("audit", [sys.executable, "-m", "pipeline.audit", str(cache), "--samples", str(cfg.audit_samples),
+    run_step("audit", [sys.executable, "-m", "teacher.audit", str(cache), "--samples", str(cfg.audit_samples),
                        "--device", "cpu", "--json"], cfg, stdout=report)
     return json.loads(report.read_text())
 
@@ -485,7 +485,7 @@ def next_steps(out: Path) -> list[str]:
     return [" ".join([train_cmd, *moved]),
             " ".join([train_cmd, "loss.mode=soft loss.tau=3.0 run.out=runs/student/fmnist_soft_tau3", *moved]),
             " ".join([train_cmd, "--resume", *moved]) + "   # continues it after an interruption",
-            f"python -m pipeline.audit {out / 'cache.zarr'} --samples 200"]
+            f"python -m teacher.audit {out / 'cache.zarr'} --samples 200"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
                       args.overrides + ([f"out={args.out}"] if args.out else []))
     import torch
 
-    from pipeline.ray_env import private_ray_env
+    from teacher.ray_env import private_ray_env
 
     # The demo's Ray: a fresh local instance with token auth and a token of its own (not ~/.ray)
     ray_dir = tempfile.mkdtemp(prefix="kdcache_demo_ray_")
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_pt = export_teacher(teacher_dir)
     results["teacher_train"] = final_metrics(teacher_dir)
 
-    timings["cache"] = run_step("cache", [sys.executable, "-m", "pipeline.cache", "--config", cfg.cache_config,
+    timings["cache"] = run_step("cache", [sys.executable, "-m", "teacher.cache", "--config", cfg.cache_config,
                                           "--ray-address", "local", f"shards={data / 'train'}", f"out={cache}",
                                           f"teacher.checkpoint={teacher_pt}", *cfg.cache_overrides], cfg)
     results["cache"] = read_cache_summary(cache)

@@ -4,7 +4,7 @@
 
 Writes OUT_DIR/fmnist/train/*.tar + manifest.json, OUT_DIR/teacher.pt (random weights, 10 classes,
 32 px, stem stride 1) and OUT_DIR/tiny.yaml (2 epochs x 2 views, k=5) with absolute paths, so
-``python -m pipeline.cache --config OUT_DIR/tiny.yaml`` (or ``ray submit``) runs it. ~5 s.
+``python -m teacher.cache --config OUT_DIR/tiny.yaml`` (or ``ray submit``) runs it. ~5 s.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end check of the cluster path on THIS machine:
-#   sshd on 127.0.0.1 (key auth) -> ray up configs/teacher_cache.yaml -> ray submit pipeline/cache.py
+#   sshd on 127.0.0.1 (key auth) -> ray up configs/teacher_cache.yaml -> ray submit teacher/cache.py
 #   -> the cache is complete -> ray down -> no Ray process of this cluster is left.
 # Usage (as root, from anywhere): bash scripts/ray_submit_check.sh   (~1-2 min on 2 cores)
 # Exit 0 = pass, 1 = fail, 77 = sshd cannot be installed/started here (the test skips on 77).
@@ -85,7 +85,7 @@ cfg["cluster_name"] = "kdcache-check"
 cfg["auth"] = {"ssh_user": "root", "ssh_private_key": key}
 # the token goes to the "node"'s own path (this machine's ~/.ray stays untouched)
 cfg["file_mounts"] = {f"{work}/repo": root, node_token: f"{work}/ray_auth_token"}
-cfg["setup_commands"] = [f"python -c 'import pipeline.cache, ray; print(ray.__version__)' && ls {work}/repo/pipeline/cache.py"]
+cfg["setup_commands"] = [f"python -c 'import teacher.cache, ray; print(ray.__version__)' && ls {work}/repo/teacher/cache.py"]
 node_env = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={node_token} "
 cfg["head_start_ray_commands"] = [c.replace("--port=6379", "--port=6390").replace("RAY_AUTH_MODE=token ", node_env)
                                   for c in cfg["head_start_ray_commands"]]
@@ -106,12 +106,12 @@ cd "$root"
 log "ray up"
 ray up -y --no-config-cache "$work/cluster.yaml" >"$work/up.log" 2>&1 || { cat "$work/up.log" >&2; log "FAIL: ray up"; exit 1; }
 log "ray submit"
-ray submit "$work/cluster.yaml" pipeline/cache.py --config "$work/tiny.yaml" --no-progress \
+ray submit "$work/cluster.yaml" teacher/cache.py --config "$work/tiny.yaml" --no-progress \
   >"$work/submit.log" 2>&1 || { tail -60 "$work/submit.log" >&2; log "FAIL: ray submit"; exit 1; }
 [ -f "$work/cache.zarr/summary.json" ] || { tail -60 "$work/submit.log" >&2; log "FAIL: no summary.json"; exit 1; }
 python - "$work" <<'PY'
 import sys, yaml
-from pipeline.cache import CacheJobConfig
+from teacher.cache import CacheJobConfig
 from pipeline.shards import load_manifest
 from storage import open_cache
 work = sys.argv[1]

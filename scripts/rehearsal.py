@@ -10,10 +10,10 @@ classes (``--classes``), JPEGs at ImageNet's common sizes (mostly 500x375), plus
 EXIF-rotated JPEG, CMYK JPEG, palette PNG with transparency, grayscale JPEG, a truncated JPEG).
 
 Flow, with the commands a user types: ``make_shards imagefolder`` (small shards, ``--skip-bad``)
--> ``pipeline.cache`` with ``configs/cache/imagenet_regnety160.yaml`` (Ray, embedded) where only
+-> ``teacher.cache`` with ``configs/cache/imagenet_regnety160.yaml`` (Ray, embedded) where only
 the teacher is swapped for the real 1000-class EfficientNet-Lite0 (224 px, full DeiT recipe,
 3 views) -> ``student.train`` with ``configs/student/deit_s_imagenet_hard.yaml`` overriding only
-size (a tiny distilled DeiT, batch, epochs) -> ``pipeline.audit``.
+size (a tiny distilled DeiT, batch, epochs) -> ``teacher.audit``.
 
 It prints and checks (exit 1 when a check fails):
 * distinct classes per student batch, against uniform random sampling (>= 90 %);
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     py = sys.executable
-    from pipeline.ray_env import private_ray_env
+    from teacher.ray_env import private_ray_env
 
     # The rehearsal's Ray: a fresh local instance with token auth and a token of its own (not ~/.ray)
     ray_dir = tempfile.mkdtemp(prefix="kdcache_rehearsal_ray_")
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     from teacher.efficientnet_lite import lite0_weights_path
 
     cache = args.cache or str(out / "cache.zarr")
-    run([py, "-m", "pipeline.cache", "--config", "configs/cache/imagenet_regnety160.yaml", "--no-progress",
+    run([py, "-m", "teacher.cache", "--config", "configs/cache/imagenet_regnety160.yaml", "--no-progress",
          "--ray-address", "local",
          f"shards={train_split}", f"out={cache}", f"epochs={size['epochs']}", f"views={VIEWS}",
          f"batch_size={BATCH}", "num_workers=1", "teacher.name=tf_efficientnet_lite0",
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     run([py, "-m", "student.train", "--config", "configs/student/deit_s_imagenet_hard.yaml", *overrides],
         out / "student.log")
     audit_json = out / "audit.json"
-    run([py, "-m", "pipeline.audit", cache, "--samples", size["audit"], "--json", "--out", audit_json],
+    run([py, "-m", "teacher.audit", cache, "--samples", size["audit"], "--json", "--out", audit_json],
         out / "audit.log")
 
     from pipeline.config import load_config

@@ -9,7 +9,7 @@ Layout (format_version 4; S = slot, the largest shard's sample count)::
     <path>/valid       bool   [epochs, num_shards * S, views]     False = row missing (corrupt sample, padding)
     <path>/done        string [epochs, num_shards]                "" = not done; else JSON {"rows": n_valid,
                                                                   "missing": [records], "fidelity": {...}}
-    with a learned tail (layout tail_dim > 0; teacher/tail.py), written once by ``write_tail``
+    with a learned tail (layout tail_dim > 0; storage/tail.py), written once by ``write_tail``
     before any item, so every row of the cache uses the same basis (also after a resume):
     <path>/tail_mean   float32 [C];  tail_step float32 [D];  tail_basis float32 [D, C] (written last)
     <path>/tail_code   int8   [epochs, num_shards * S, views, D]  per-row tail codes
@@ -277,7 +277,7 @@ class _CacheBase:
             raise CacheMismatchError(
                 f"cache {path}: field format_version: expected {FORMAT_VERSION}, "
                 f"found {self.attrs.get('format_version', '<absent>')} (a cache written by another kdcache "
-                f"version; re-create it with python -m pipeline.cache)")
+                f"version; re-create it with python -m teacher.cache)")
         self.layout = layout
         self.epochs: int = layout["epochs"]
         self.views: int = layout["views"]
@@ -297,7 +297,7 @@ class _CacheBase:
         self._tail = None
 
     def tail_model(self):
-        """The cache's :class:`teacher.tail.TailModel`, or None for a uniform tail.
+        """The cache's :class:`storage.tail.TailModel`, or None for a uniform tail.
 
         Raises:
             RuntimeError: the layout asks for a learned tail whose basis is not written yet.
@@ -308,7 +308,7 @@ class _CacheBase:
             if "tail_basis" not in self.group:  # written last by write_tail
                 raise RuntimeError(f"cache {self.path}: field tail_basis: the tail basis is not written yet "
                                    f"(the caching job calibrates it before the first item)")
-            from teacher.tail import TailModel
+            from storage.tail import TailModel
 
             self._tail = TailModel(*(self.group[name][:] for name in ("tail_mean", "tail_basis", "tail_step")))
         return self._tail
@@ -433,7 +433,7 @@ class CacheWriter(_CacheBase):
     """Writes whole (epoch, shard) work items; see :func:`create_cache`."""
 
     def write_tail(self, tail) -> None:
-        """Store the learned tail (a ``teacher.tail.TailModel``) once, before any item is written.
+        """Store the learned tail (a ``storage.tail.TailModel``) once, before any item is written.
 
         Raises:
             CacheMismatchError: a tail is already stored (a resumed job reuses it), or the model
@@ -471,7 +471,7 @@ class CacheWriter(_CacheBase):
                 (required with a learned tail) and the item's fidelity record; without them the
                 tail mass is ``1 - Σ exp(logprobs)`` and no fidelity is recorded.
             encoded: the rows already encoded, so that the caller can do it while its teacher
-                scores (``pipeline.work``): a callable returning (:class:`EncodedRows` of these
+                scores (``teacher.work``): a callable returning (:class:`EncodedRows` of these
                 rows in this order, the fidelity record of the first ``FIDELITY_ROWS`` rows or
                 None), exactly what :meth:`encode` and :meth:`fidelity` give. Called after
                 the checks; without it the rows are encoded here.
@@ -569,7 +569,7 @@ class CacheWriter(_CacheBase):
         import torch
 
         from teacher.fidelity import KS, fidelity_sums
-        from teacher.targets import TeacherTargets
+        from storage.targets import TeacherTargets
 
         def stored(t: TeacherTargets) -> TeacherTargets:
             if t.log_tail is None:  # k = C: no tail
@@ -592,7 +592,7 @@ def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], epochs: int,
         shards: ShardInfo list (or (first_id, count) pairs) in shard order: ids contiguous from 0,
             any count >= 1 (each shard gets a slot of the largest count, see the module docstring).
         attrs: caller provenance (teacher, checkpoint_sha256, fingerprint, manifest_sha256, seed, ...).
-        tail_dim: largest learned-tail basis (teacher/tail.py); 0 = uniform tail. With a learned
+        tail_dim: largest learned-tail basis (storage/tail.py); 0 = uniform tail. With a learned
             tail, :meth:`CacheWriter.write_tail` must run before the first item.
 
     Raises:
@@ -731,7 +731,7 @@ class CacheReader(_CacheBase):
         Log-probs are the dequantized values, sorted descending; among equal values the
         classes come in ascending id order (storage/encoding.py). Invalid rows (missing
         samples) come back with valid False and meaningless values. ``tail_code`` turns into
-        the tail shape with :meth:`tail_model` (teacher/tail.py).
+        the tail shape with :meth:`tail_model` (storage/tail.py).
 
         Raises:
             CacheNotReady: a needed (epoch, shard) item is not done (names epoch and shard).

@@ -2,7 +2,7 @@
 
 A row is one (epoch, sample_id, view). The teacher gives top-k log-probs
 ``lp = logit - logsumexp`` sorted descending, their class indices, the log of the exact tail
-mass ``log m = logsumexp(lp outside the top-k)`` and (with a learned tail, teacher/tail.py)
+mass ``log m = logsumexp(lp outside the top-k)`` and (with a learned tail, storage/tail.py)
 int8 tail codes. No per-row seed is stored: the augmentation of a row is fully determined by
 the cache-level ``seed`` attribute and the counter rule of
 ``pipeline.plan.sample_params(cfg, seed, epoch, sample_id, view)``.

@@ -178,12 +178,12 @@ def _create(dst: str, reader: CacheReader, epochs: list[int]) -> zarr.Group:
 def _card(reader: CacheReader, dst: str, epochs: list[int], manifest: dict, audit: dict | None) -> str:
     """The cache card (README.md): what the cache is, how it was made, and how to train from it."""
     a, job = reader.attrs, reader.attrs.get("job", {})
-    tail = f"learned, {reader.tail_dim} dims (teacher/tail.py)" if reader.tail_dim else "uniform"
+    tail = f"learned, {reader.tail_dim} dims (storage/tail.py)" if reader.tail_dim else "uniform"
     rows = len(epochs) * reader.num_samples * reader.views
     lines = [
         f"# kdcache teacher cache: {a.get('teacher', '?')}", "",
         "Teacher targets (top-k log-probs, tail mass, tail codes) for every (epoch, sample, view) of a",
-        "replayed DeiT-style augmentation plan, made by kdcache (`python -m pipeline.cache`) and packed",
+        "replayed DeiT-style augmentation plan, made by kdcache (`python -m teacher.cache`) and packed",
         "by `python -m storage.pack` (Zarr v3, sharding codec, crc32c on every chunk and shard index).", "",
         "| field | value |", "|---|---|",
         f"| teacher | `{a.get('teacher')}` |",
@@ -211,10 +211,10 @@ def _card(reader: CacheReader, dst: str, epochs: list[int], manifest: dict, audi
         lines += [f"| {k} | " + " | ".join(f"{v:.4f}" for v in tv) + " |" for k, tv in zip(fid["ks"], fid["tv"])]
     lines += ["", "## Audit", ""]
     if audit is None:
-        lines.append("No audit was given to the packer (`python -m pipeline.audit CACHE --out audit.json`, "
+        lines.append("No audit was given to the packer (`python -m teacher.audit CACHE --out audit.json`, "
                      "then `python -m storage.pack ... --audit audit.json`).")
     else:
-        lines += ["Rows re-scored by the teacher from the replayed images (`python -m pipeline.audit`):", "",
+        lines += ["Rows re-scored by the teacher from the replayed images (`python -m teacher.audit`):", "",
                   "| epoch | rows | top-1 agreement | max abs dp | invalid |", "|---|---|---|---|---|"]
         lines += [f"| {e} | {r['rows']} | {100 * r['top1_agree']:.2f} % | {r['max_abs_dp']:.2e} | {r['invalid']} |"
                   for e, r in audit.items()]
@@ -246,7 +246,7 @@ def pack(src: str, dst: str, epochs: str | None = None, audit: dict | str | None
 
     Args:
         epochs: which epochs (``0-1,4``; default all) the copy holds.
-        audit: a ``python -m pipeline.audit --out`` report (dict or path) for the card.
+        audit: a ``python -m teacher.audit --out`` report (dict or path) for the card.
 
     Raises:
         CacheNotFinished: items of the chosen epochs lack done markers (names them).
@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("src", help="the finished cache (path or URL); with --verify, the packed copy")
     p.add_argument("dst", nargs="?", help="where the packed copy goes (path or URL)")
     p.add_argument("--epochs", default=None, help="epochs the copy holds, e.g. 0-1 or 0,2-3 (default all)")
-    p.add_argument("--audit", default=None, help="a python -m pipeline.audit --out report, for the card")
+    p.add_argument("--audit", default=None, help="a python -m teacher.audit --out report, for the card")
     p.add_argument("--verify", action="store_true", help="check a packed copy's files against its pack.json")
     args = p.parse_args(argv)
     if args.verify:

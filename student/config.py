@@ -91,7 +91,7 @@ class DataConfig(ConfigBase):
 
 @dataclass
 class CacheConfig(ConfigBase):
-    """The teacher-target cache written by ``python -m pipeline.cache``."""
+    """The teacher-target cache written by ``python -m teacher.cache``."""
 
     path: str | None = None
     wait: bool = False                 # wait for (epoch, shard) done markers instead of failing

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from teacher.targets import TeacherTargets, hard_targets, soft_target_logprobs
+from storage.targets import TeacherTargets, hard_targets, soft_target_logprobs
 
 MODES = ("none", "soft", "hard")
 
@@ -88,7 +88,7 @@ class DistillationLoss(nn.Module):
         Args:
             outputs: ``[B, C]`` logits, or ``(cls, dist)`` from a distillation-token model.
             target: ``[B, C]`` soft ground-truth label (mixed one-hot, unsmoothed).
-            teacher: :class:`~teacher.targets.TeacherTargets` (or a plain ``(logprobs, indices)``
+            teacher: :class:`~storage.targets.TeacherTargets` (or a plain ``(logprobs, indices)``
                 top-k pair), or None (mode none).
         Returns:
             ``{"loss": scalar with grad, "base": detached, "distill": detached}``.

@@ -114,7 +114,7 @@ def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any]) 
     naming the key."""
     from pipeline.config import ConfigError
 
-    if ":" in name:  # "module:fn", e.g. the bench-only teacher.simulated:sleeping_net
+    if ":" in name:  # "module:fn", e.g. the bench-only bench.simulated:sleeping_net
         module, _, fn = name.partition(":")
         return getattr(importlib.import_module(module), fn)(num_classes=num_classes, img_size=img_size, **kwargs)
     try:

@@ -22,7 +22,7 @@ import torch
 from pipeline.config import ConfigError
 from storage import CacheMismatchError
 from teacher.fidelity import advice
-from teacher.targets import TeacherTargets, targets_from_logits
+from storage.targets import TeacherTargets, targets_from_logits
 
 
 def no_targets(batch: dict) -> None:
@@ -90,7 +90,7 @@ def build_targets_fn(cfg, plan, reader, num_classes: int, device, log: Callable[
         tcfg = TeacherConfig.from_dict(_job_teacher(reader.attrs, cfg.cache.path))
     k = min(cfg.teacher.k or num_classes, num_classes)
     tail = reader.tail_model() if reader is not None and k < num_classes else None
-    # Fed the plan's normalization, exactly like pipeline.cache.make_teacher.
+    # Fed the plan's normalization, exactly like teacher.cache.make_teacher.
     teacher = build_teacher(tcfg, device=str(device), k=k, input_mean=plan.aug.mean, input_std=plan.aug.std)
     if reader is not None and teacher.checkpoint_sha256 != reader.attrs.get("checkpoint_sha256"):
         raise CacheMismatchError(
@@ -111,7 +111,7 @@ def report_fidelity(reader, tau: float, log: Callable[[str], None] = print) -> d
     summary = reader.fidelity()
     if summary is None:
         log(f"teacher cache {reader.path}: no fidelity recorded (items written without full logits); "
-            f"run python -m pipeline.audit {reader.path} --tau {tau:g}")
+            f"run python -m teacher.audit {reader.path} --tau {tau:g}")
         return None
     line, poor = advice(summary, reader.k, tau)
     log(("warning: " if poor else "") + line)

@@ -1,7 +1,7 @@
 """How close a rebuilt soft target is to the full teacher distribution (pure functions).
 
 Both figures compare ``p_τ = softmax(logits / τ)`` of the full teacher with the rebuilt
-``q_τ`` (teacher/targets.py): total variation ``½ Σ |p - q|`` and ``KL(p ‖ q)``, the term the
+``q_τ`` (storage/targets.py): total variation ``½ Σ |p - q|`` and ``KL(p ‖ q)``, the term the
 soft distillation loss would add if the student matched the rebuilt target exactly.
 
 The caching job records, per work item, the sums of both over rows for several k (larger k
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from teacher.targets import TeacherTargets, soft_target_logprobs, targets_from_logits
+from storage.targets import TeacherTargets, soft_target_logprobs, targets_from_logits
 
 TAUS = (1.0, 2.0, 3.0, 4.0)
 KS = (1, 5, 10, 20, 50, 100)

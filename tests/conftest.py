@@ -33,7 +33,7 @@ _ray_saved: dict[str, str | None] = {}
 
 def pytest_configure(config):
     """Session Ray settings (module docstring), set before any test module is imported."""
-    from pipeline.ray_env import private_ray_env
+    from teacher.ray_env import private_ray_env
 
     _ray_saved.update({k: os.environ.get(k) for k in _RAY_ENV})
     os.environ.pop("RAY_AUTH_TOKEN", None)

@@ -1,7 +1,7 @@
 """A teacher actor computes with the CPUs Ray gave it, whatever the node's environment says.
 
 Ray sets OMP_NUM_THREADS from num_cpus only when the environment has none; here the driver
-exports OMP_NUM_THREADS=3 (as a node's profile might), so without ``pipeline.pool.use_ray_cpus``
+exports OMP_NUM_THREADS=3 (as a node's profile might), so without ``teacher.pool.use_ray_cpus``
 every actor would run torch with 3 threads on its 1 or 2 CPUs.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from pipeline.job import CacheJobConfig, cache_attrs  # noqa: E402
+from teacher.job import CacheJobConfig, cache_attrs  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
 
-SIMULATED = dict(callable="teacher.simulated:sleeping_net", num_classes=10, input_size=32, amp="none",
+SIMULATED = dict(callable="bench.simulated:sleeping_net", num_classes=10, input_size=32, amp="none",
                  channels_last=False, model_kwargs={"images_per_s": 1e6, "num_classes": 10})
 
 
@@ -36,7 +36,7 @@ def ray_with_omp_env(monkeypatch):
 def test_teacher_actor_threads_follow_its_num_cpus(ray_with_omp_env, fmnist_shards, tmp_path):
     import torch
 
-    from pipeline.cache import TeacherWorker
+    from teacher.cache import TeacherWorker
 
     ray = ray_with_omp_env
     cfg = CacheJobConfig.from_dict(dict(shards=str(fmnist_shards / "train"), out=str(tmp_path / "c.zarr"), epochs=1,

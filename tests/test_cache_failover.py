@@ -23,10 +23,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from pipeline.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
-from pipeline.calibrate import calibrate_tail  # noqa: E402
+from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
+from teacher.calibrate import calibrate_tail  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
-from pipeline.work import run_item  # noqa: E402
+from teacher.work import run_item  # noqa: E402
 from storage import open_cache  # noqa: E402
 from test_cache_job import TINY_TEACHER, make_cfg, teacher_ckpt  # noqa: E402,F401  (the module's tiny teacher)
 
@@ -78,7 +78,7 @@ def test_lost_node_job_finishes_on_the_survivor_byte_identical(two_node_cluster,
                    teacher=teacher, tail={"dim": 4, "calibration_rows": 256})
     total = cfg.epochs * len(load_manifest(cfg.shards).shards)
     cfg.save(tmp_path / "job.yaml")
-    cmd = [sys.executable, "-m", "pipeline.cache", "--config", str(tmp_path / "job.yaml"),
+    cmd = [sys.executable, "-m", "teacher.cache", "--config", str(tmp_path / "job.yaml"),
            "--ray-address", cluster.address, "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out, err = open(tmp_path / "stdout", "w+"), open(tmp_path / "stderr", "w+")

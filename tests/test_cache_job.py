@@ -21,10 +21,10 @@ import torch
 ray = pytest.importorskip("ray")
 
 from hygiene import wait_session_gone  # noqa: E402
-from pipeline.audit import audit  # noqa: E402
-from pipeline.cache import CacheJobConfig, CacheJobError, run_job  # noqa: E402
+from teacher.audit import audit  # noqa: E402
+from teacher.cache import CacheJobConfig, CacheJobError, run_job  # noqa: E402
 from pipeline.shards import ShardError, load_manifest  # noqa: E402
-from pipeline.work import run_item  # noqa: E402
+from teacher.work import run_item  # noqa: E402
 from teacher.model import TeacherConfig, create_model  # noqa: E402
 from storage.encoding import max_abs_dlogprob, max_abs_dp  # noqa: E402
 
@@ -133,7 +133,7 @@ def test_rerun_skips_done_items(reference):
 
 def test_run_item_without_ray_matches(reference, tmp_path):
     """The plain function gives the same rows as the Ray job (2 decode workers here)."""
-    from pipeline.cache import cache_attrs, make_teacher, open_writer
+    from teacher.cache import cache_attrs, make_teacher, open_writer
 
     cfg, _ = reference
     cfg2 = cfg.replace(out=str(tmp_path / "c.zarr"), num_workers=2, epochs=1)
@@ -167,7 +167,7 @@ def test_driver_killed_rerun_redoes_only_unfinished(reference, tmp_path):
     cfg2.save(cfg_path)
     m = load_manifest(cfg.shards)
     total = cfg.epochs * len(m.shards)
-    cmd = [sys.executable, "-m", "pipeline.cache", "--config", str(cfg_path), "--ray-address", "local",
+    cmd = [sys.executable, "-m", "teacher.cache", "--config", str(cfg_path), "--ray-address", "local",
            "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,

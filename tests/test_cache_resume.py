@@ -11,11 +11,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from pipeline.cache import (CacheJobConfig, HINTS, PROG, cache_attrs, main, make_teacher,  # noqa: E402
+from teacher.cache import (CacheJobConfig, HINTS, PROG, cache_attrs, main, make_teacher,  # noqa: E402
                             open_writer, run_job)
 from pipeline.cli import run_cli  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
-from pipeline.work import run_item  # noqa: E402
+from teacher.work import run_item  # noqa: E402
 from storage import open_cache  # noqa: E402
 from teacher.model import TeacherConfig, create_model  # noqa: E402
 from test_cache_job import TINY_TEACHER, ray_session  # noqa: E402,F401  (the module's embedded Ray)
@@ -59,7 +59,7 @@ def test_resume_under_another_spelling_then_nothing_to_do(ray_session, fmnist_sh
     # A real difference (another k) is refused in one line naming both sides, and nothing is lost.
     assert run_cli(main, PROG, ["--config", str(cfg_file), "k=5"], hints=HINTS) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == (f"python -m pipeline.cache: error: cache {tmp_path / 'c.zarr'}: field k: "
+    assert err[0] == (f"python -m teacher.cache: error: cache {tmp_path / 'c.zarr'}: field k: "
                       "expected 5 (this run), found 3 (in the cache)")
     assert err[1].startswith("  hint: a cache resumes only under the job config that made it")
     assert open_cache("c.zarr").done_items() == {(e, s) for e in range(2) for s in range(4)}
@@ -69,7 +69,7 @@ def test_a_cache_made_before_a_config_field_existed_resumes_while_it_holds_its_d
     """``teacher.pretrained`` / ``pretrained_cfg_overlay`` / ``aug.max_pixels`` came after caches
     were made: at their defaults they change nothing, so such a cache resumes; set, they are a real
     difference. (``aug.max_pixels`` is not in the plan fingerprint either: students still match.)"""
-    from pipeline.job import resume_attrs
+    from teacher.job import resume_attrs
     from storage import CacheMismatchError
 
     torch.manual_seed(0)

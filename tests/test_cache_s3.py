@@ -19,8 +19,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from pipeline.audit import audit  # noqa: E402
-from pipeline.cache import CacheJobConfig, run_job  # noqa: E402
+from teacher.audit import audit  # noqa: E402
+from teacher.cache import CacheJobConfig, run_job  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
 from hygiene import wait_session_gone  # noqa: E402
 from servers import new_bucket  # noqa: E402
@@ -84,7 +84,7 @@ def test_cache_job_on_s3_resumes_untouched_and_serves_a_student(fmnist_shards, s
     total = cfg.epochs * shards
 
     cfg.save(tmp_path / "job.yaml")
-    cmd = [sys.executable, "-m", "pipeline.cache", "--config", str(tmp_path / "job.yaml"), "--ray-address", "local",
+    cmd = [sys.executable, "-m", "teacher.cache", "--config", str(tmp_path / "job.yaml"), "--ray-address", "local",
            "--no-progress"]
     # the job finds the server as users find theirs: FSSPEC_S3_ENDPOINT_URL and AWS_* in the environment
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cache import cache_attrs, make_teacher, open_writer
+from teacher.cache import cache_attrs, make_teacher, open_writer
 from pipeline.shards import load_manifest
-from pipeline.work import run_item
+from teacher.work import run_item
 from storage import wait_for_cache
 from student.loop import LoopState, Precision, train_one_epoch
 from student.losses import DistillationLoss
@@ -28,7 +28,7 @@ def test_student_started_before_the_store_exists(fmnist_shards, tmp_path, capsys
     manifest = load_manifest(job.shards)
 
     def caching_job():                      # starts 1.5 s after the student, writes items 4 s later
-        from pipeline.calibrate import calibrate_tail
+        from teacher.calibrate import calibrate_tail
 
         time.sleep(1.5)
         writer = open_writer(job, manifest, cache_attrs(job, manifest))
@@ -71,7 +71,7 @@ def test_a_store_waits_for_its_tail_basis(tmp_path):
     import numpy as np
 
     from storage import create_cache
-    from teacher.tail import TailModel
+    from storage.tail import TailModel
 
     path = tmp_path / "tailed.zarr"
     writer = create_cache(path, shards=[(0, 8)], epochs=1, views=1, k=2, num_classes=10, attrs={}, tail_dim=3)

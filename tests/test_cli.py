@@ -53,19 +53,19 @@ def test_student_train_user_errors(fmnist_shards, tmp_path):
 
 
 def test_cache_audit_make_shards_user_errors(fmnist_shards, tmp_path):
-    assert_one_line_error(run("pipeline.cache", "--config", "configs/cache/fmnist_regnety002.yaml", "epoch=3"),
-                          "pipeline.cache", "unknown config key epoch")
-    assert_one_line_error(run("pipeline.cache", "--config", "configs/cache/fmnist_regnety002.yaml",
-                              f"shards={tmp_path / 'nope'}"), "pipeline.cache", "no manifest at")
-    assert_one_line_error(run("pipeline.audit", str(tmp_path / "absent.zarr")),
-                          "pipeline.audit", "no kdcache cache at")
+    assert_one_line_error(run("teacher.cache", "--config", "configs/cache/fmnist_regnety002.yaml", "epoch=3"),
+                          "teacher.cache", "unknown config key epoch")
+    assert_one_line_error(run("teacher.cache", "--config", "configs/cache/fmnist_regnety002.yaml",
+                              f"shards={tmp_path / 'nope'}"), "teacher.cache", "no manifest at")
+    assert_one_line_error(run("teacher.audit", str(tmp_path / "absent.zarr")),
+                          "teacher.audit", "no kdcache cache at")
     assert_one_line_error(run("pipeline.make_shards", "fmnist", "--out", str(fmnist_shards), "--limit-train", "8"),
                           "pipeline.make_shards", "already holds a complete split")
 
 
 def test_debug_shows_the_traceback(tmp_path):
     for args, env in ((["--debug"], None), ([], {"KDCACHE_DEBUG": "1"})):
-        proc = run("pipeline.audit", str(tmp_path / "absent.zarr"), *args, env=env)
+        proc = run("teacher.audit", str(tmp_path / "absent.zarr"), *args, env=env)
         assert proc.returncode == 1 and "Traceback" in proc.stderr and "no kdcache cache at" in proc.stderr
 
 
@@ -87,12 +87,12 @@ def test_run_cli_keeps_bugs_loud(capsys):
 FILE_REF = re.compile(r"\b((?:configs|pipeline|student|teacher|storage|scripts)/[\w./-]+\.(?:yaml|py))\b")
 
 
-@pytest.mark.parametrize("module", ["student.train", "pipeline.cache", "pipeline.audit", "pipeline.make_shards"])
+@pytest.mark.parametrize("module", ["student.train", "teacher.cache", "teacher.audit", "pipeline.make_shards"])
 def test_help_names_files_that_exist(module):
     proc = run(module, "--help")
     assert proc.returncode == 0, proc.stderr
     refs = set(FILE_REF.findall(proc.stdout))
-    if module in ("student.train", "pipeline.cache"):   # the others name runs/ outputs (tests/test_demo.py)
+    if module in ("student.train", "teacher.cache"):   # the others name runs/ outputs (tests/test_demo.py)
         assert refs, proc.stdout
     for ref in refs:
         assert (REPO / ref).exists(), f"{module} --help names {ref}, which does not exist"

@@ -105,7 +105,7 @@ def test_readme_usage_commands_run_as_written(quick_demo):
         assert proc.returncode == 0, f"README command failed: {cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         outputs[cmd] = proc.stdout
     by_start = lambda text: [o for c, o in outputs.items() if c.startswith(text)]   # noqa: E731
-    caching = by_start("python -m pipeline.cache --config configs/cache/fmnist_regnety002.yaml")
+    caching = by_start("python -m teacher.cache --config configs/cache/fmnist_regnety002.yaml")
     assert re.search(r"(\d+)/\1 items done \(", caching[0]) and re.search(r"(\d+)/\1 items done, nothing to run$",
                                                                           caching[1].strip()), caching
     resumed = by_start("python -m student.train --config configs/student/fmnist_hard.yaml --resume")
@@ -115,7 +115,7 @@ def test_readme_usage_commands_run_as_written(quick_demo):
         pts = {p.name for p in (work / run).glob("*.pt")}
         assert {"checkpoint-000005.pt", "checkpoint-000006.pt", "best.pt"} >= pts >= {"checkpoint-000006.pt"}, run
     # help texts that name outputs name the ones the demo and these commands made
-    for module in ("pipeline.audit", "pipeline.cache", "student.train"):
+    for module in ("teacher.audit", "teacher.cache", "student.train"):
         text = subprocess.run([sys.executable, "-m", module, "--help"], cwd=work, env=_env(), capture_output=True,
                               text=True).stdout
         for ref in re.findall(r"\b(?:runs|configs)/[\w./-]+\.(?:zarr|yaml|pt)\b", text):

@@ -8,7 +8,7 @@ import torch
 
 from teacher import device as D
 from teacher.model import TeacherConfig, build_teacher
-from teacher.simulated import SleepingNet
+from bench.simulated import SleepingNet
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -41,10 +41,10 @@ def test_actor_plan():
 
 
 def test_simulated_teacher_is_deterministic_and_takes_its_time():
-    cfg = TeacherConfig(callable="teacher.simulated:sleeping_net", num_classes=7, input_size=16, amp="none",
+    cfg = TeacherConfig(callable="bench.simulated:sleeping_net", num_classes=7, input_size=16, amp="none",
                         channels_last=False, model_kwargs={"images_per_s": 100.0, "num_classes": 7})
     teacher = build_teacher(cfg, k=3)
-    assert teacher.checkpoint_sha256 == "callable:teacher.simulated:sleeping_net"
+    assert teacher.checkpoint_sha256 == "callable:bench.simulated:sleeping_net"
     x = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     a = teacher.score(x)
@@ -58,7 +58,7 @@ def test_simulated_teacher_is_deterministic_and_takes_its_time():
 
 
 def test_simulated_timeline_gives_the_step_rate(tmp_path):
-    from teacher.simulated import sleeping_net, steady_rate
+    from bench.simulated import sleeping_net, steady_rate
 
     timeline = tmp_path / "t.txt"
     net = sleeping_net(num_classes=3, images_per_s=400.0, timeline=str(timeline))
@@ -73,7 +73,7 @@ def test_simulated_timeline_gives_the_step_rate(tmp_path):
 def test_simulated_student_trains_through_build_student():
     from student.models import build_student
 
-    model = build_student("teacher.simulated:sleeping_net", 5, 32, 0.1, {"images_per_s": 1000.0})
+    model = build_student("bench.simulated:sleeping_net", 5, 32, 0.1, {"images_per_s": 1000.0})
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
     before = model.head.weight.detach().clone()
@@ -102,8 +102,8 @@ def test_teacher_bf16_on_cuda_agrees_with_fp32():
 
 @pytest.mark.gpu
 def test_feed_batches_are_pinned_for_a_cuda_teacher(fmnist_shards, tmp_path):
-    from pipeline.feed import ItemFeed
-    from pipeline.job import CacheJobConfig
+    from teacher.feed import ItemFeed
+    from teacher.job import CacheJobConfig
     from pipeline.shards import load_manifest
 
     cfg = CacheJobConfig.from_dict(dict(shards=str(fmnist_shards / "train"), out=str(tmp_path / "c.zarr"),

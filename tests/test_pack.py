@@ -18,7 +18,7 @@ from servers import http_server, new_bucket
 from storage import CacheCorruptError, CacheMismatchError, create_cache, open_cache
 from storage.cache import EpochNotInCache
 from storage.pack import CacheNotFinished, pack, verify
-from teacher.tail import TailModel
+from storage.tail import TailModel
 
 SHARDS = [(0, 8), (8, 8), (16, 5)]
 N, EPOCHS, VIEWS, K, C, D = 21, 4, 2, 4, 50, 4

@@ -28,12 +28,12 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from pipeline.audit import audit  # noqa: E402
-from pipeline.cache import CacheJobConfig, run_job  # noqa: E402
+from teacher.audit import audit  # noqa: E402
+from teacher.cache import CacheJobConfig, run_job  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.job import cache_attrs, checkpoint_sha256, make_teacher, open_writer  # noqa: E402
+from teacher.job import cache_attrs, checkpoint_sha256, make_teacher, open_writer  # noqa: E402
 from pipeline.shards import file_sha256, load_manifest  # noqa: E402
-from pipeline.work import run_item  # noqa: E402
+from teacher.work import run_item  # noqa: E402
 from storage import CacheMismatchError, open_cache  # noqa: E402
 from student.data import open_checked_cache  # noqa: E402
 from student.models import build_student  # noqa: E402
@@ -162,11 +162,11 @@ def test_contradicting_pretrained_cfg_and_missing_weights_are_refused(teacher_fi
 
 def test_missing_hub_weights_are_one_line_user_errors(fmnist_shards, tmp_path, offline_hub):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
-    proc = run("pipeline.cache", "--config", "configs/cache/fmnist_regnety002.yaml", f"shards={fmnist_shards / 'train'}",
+    proc = run("teacher.cache", "--config", "configs/cache/fmnist_regnety002.yaml", f"shards={fmnist_shards / 'train'}",
                f"out={tmp_path / 'c.zarr'}", "teacher.checkpoint=null", f"teacher.name={TAG}", "teacher.pretrained=true",
                "teacher.mean=[0.485, 0.456, 0.406]", "teacher.std=[0.229, 0.224, 0.225]",
                "teacher.pretrained_cfg_overlay={num_classes: 10}", env=env)
-    assert_one_line_error(proc, "pipeline.cache", f"teacher.pretrained: timm's weights for {TAG} are not in the "
+    assert_one_line_error(proc, "teacher.cache", f"teacher.pretrained: timm's weights for {TAG} are not in the "
                           "Hugging Face cache", "teacher.pretrained_cfg_overlay.file=PATH", "teacher.checkpoint=PATH")
     proc = run("student.train", "--config", "configs/student/fmnist_none.yaml", f"data.train={fmnist_shards / 'train'}",
                "data.val=null", "cache.path=null", "data.seed=0", "data.aug={}", f"run.out={tmp_path / 'run'}",
@@ -259,7 +259,7 @@ def test_students_and_audit_refuse_another_teacher_file(fmnist_shards, tag_cache
 def test_an_actor_whose_node_holds_other_weights_refuses(tag_cache, teacher_files):
     """The driver hashed its weights into the attrs; an actor loading others (another node's file
     or Hugging Face cache) stops before writing."""
-    from pipeline.cache import TeacherWorker
+    from teacher.cache import TeacherWorker
 
     by_tag, _ = tag_cache
     _, other = teacher_files

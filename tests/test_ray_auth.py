@@ -51,7 +51,7 @@ def test_cluster_file_starts_every_node_with_token_auth_and_syncs_the_token():
 
 
 def test_suite_jobs_start_a_fresh_local_ray_even_beside_a_ray_start_cluster(tmp_path, monkeypatch):
-    """conftest's RAY_ADDRESS=local (inherited by every subprocess: ``python -m pipeline.cache``,
+    """conftest's RAY_ADDRESS=local (inherited by every subprocess: ``python -m teacher.cache``,
     the demo, the README commands) beats the cluster a ``ray start`` on this machine records,
     which a bare ``ray.init()`` / ``connect_ray(None)`` would otherwise join."""
     from ray._private import services
@@ -125,7 +125,7 @@ def test_token_cluster_refuses_clients_without_the_token_and_runs_the_job(tmp_pa
     no_token = {k: v for k, v in authed.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled"}
     wrong_token = {**authed, "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # RAY_AUTH_TOKEN wins over the file
     address = f"127.0.0.1:{port}"
-    job = [sys.executable, "-m", "pipeline.cache", "--config", str(inputs / "tiny.yaml"), "--no-progress",
+    job = [sys.executable, "-m", "teacher.cache", "--config", str(inputs / "tiny.yaml"), "--no-progress",
            "--ray-address", address]
     log = tmp_path / "head.log"
     runs: dict[str, subprocess.Popen] = {}

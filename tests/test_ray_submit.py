@@ -1,7 +1,7 @@
 """`ray up` / `ray submit` / `ray down` on this machine through sshd on 127.0.0.1.
 
 Runs scripts/ray_submit_check.sh (~1 min): it sets up sshd with a generated key, starts a
-single-node Ray cluster from configs/teacher_cache.yaml, submits pipeline/cache.py on a tiny
+single-node Ray cluster from configs/teacher_cache.yaml, submits teacher/cache.py on a tiny
 Fashion-MNIST job, checks every (epoch, shard) item is done, tears the cluster down and checks
 no Ray process of it is left.
 

@@ -336,7 +336,7 @@ def _logit_item(epoch, shard, seed=0):
 
 
 def test_learned_tail_round_trips_and_is_reused_on_resume(tmp_path):
-    from teacher.tail import TailModel
+    from storage.tail import TailModel
 
     path = tmp_path / "c.zarr"
     w = _create(path, tail_dim=16)
@@ -371,15 +371,15 @@ def test_learned_tail_round_trips_and_is_reused_on_resume(tmp_path):
 
 @pytest.mark.parametrize("fidelity_rows", [5, 256])  # the record's rows reached mid-item / never
 def test_rows_encoded_while_scoring_store_what_write_item_encodes(tmp_path, monkeypatch, fidelity_rows):
-    """pipeline.work.RowEncoder encodes batch by batch on a thread while the teacher scores; the
+    """teacher.work.RowEncoder encodes batch by batch on a thread while the teacher scores; the
     stored bytes (every row array and the done record with its fidelity) are those of write_item
     encoding the whole item itself."""
     import zarr
 
     import storage.cache
-    from pipeline.work import RowEncoder
+    from teacher.work import RowEncoder
     from storage.cache import ROW_ARRAYS
-    from teacher.tail import TailModel
+    from storage.tail import TailModel
 
     monkeypatch.setattr(storage.cache, "FIDELITY_ROWS", fidelity_rows)
     tail = TailModel.fit(np.concatenate([_logit_item(1, s, seed=9)[4] for s in range(3)]), dim=16, step=1.0)

@@ -1,7 +1,7 @@
 """Student data: the cache guard, the plan taken from the cache, the (epoch, sample_id, view)
 join, epoch cycling, invalid rows, and replay at another resolution.
 
-Tiny caches are built here without Ray by calling ``pipeline.work.run_item`` per item with a
+Tiny caches are built here without Ray by calling ``teacher.work.run_item`` per item with a
 1-block ViT teacher (random init: its targets are arbitrary but deterministic).
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer
+from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer
 from pipeline.config import load_config
 from pipeline.plan import AugConfig
 from pipeline.shards import load_manifest
-from pipeline.work import run_item
+from teacher.work import run_item
 from teacher.model import TeacherConfig, create_model
 from storage import CacheMismatchError, CacheNotReady
 from student.config import TrainConfig

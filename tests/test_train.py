@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cache import cache_attrs, make_teacher, open_writer
+from teacher.cache import cache_attrs, make_teacher, open_writer
 from pipeline.loader import LoaderConfig, split_loader
 from pipeline.plan import AugConfig
 from pipeline.shards import load_manifest
-from pipeline.work import run_item
+from teacher.work import run_item
 from student.checkpoint import load_checkpoint
 from student.train import main, train
 from fmnist import require_fmnist

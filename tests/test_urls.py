@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from pipeline import urls
-from pipeline.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer
+from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer
 from pipeline.index import index_shards
 from pipeline.loader import LoaderConfig, ReplayLoader
 from pipeline.schedule import Schedule
 from pipeline.shards import ShardError, iter_samples, load_manifest, read_shard, verify_manifest
-from pipeline.work import run_item
+from teacher.work import run_item
 from servers import http_server, new_bucket
 from storage import open_cache
 from teacher.model import TeacherConfig, create_model

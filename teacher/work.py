@@ -1,9 +1,9 @@
 """One work item of the caching job: score every view of one (epoch, shard). No Ray here.
 
-:func:`run_item` takes the item's batches from an :class:`~pipeline.feed.ItemFeed` (replay
+:func:`run_item` takes the item's batches from an :class:`~teacher.feed.ItemFeed` (replay
 ahead of the teacher with persistent workers, each sample decoded once), scores them with the
 teacher and writes the rows through ``storage`` (data first, the item's done marker last).
-Tests and benchmarks call it directly; the Ray job (``pipeline.cache``) calls it inside its
+Tests and benchmarks call it directly; the Ray job (``teacher.cache``) calls it inside its
 actors, each of which keeps one feed for its whole life and names the item it will ask for
 next (``prefetch``), so the teacher never waits at an item boundary.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.feed import ItemFeed
+from teacher.feed import ItemFeed
 from teacher.device import pin_memory
 
 
@@ -150,13 +150,13 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
     """Cache one (epoch, shard) work item.
 
     Args:
-        cfg: a ``pipeline.job.CacheJobConfig``.
+        cfg: a ``teacher.job.CacheJobConfig``.
         teacher: a built ``teacher.model.Teacher`` (built from ``cfg`` on CPU if None).
         writer: a ``storage.CacheWriter`` (created/reopened from ``cfg`` if None). A cache without
-            its tail basis yet is calibrated first (``pipeline.calibrate``); the Ray job does that
+            its tail basis yet is calibrated first (``teacher.calibrate``); the Ray job does that
             once before handing out items, so parallel actors never race on it.
         manifest: the loaded manifest of ``cfg.shards`` (loaded if None).
-        feed: the caller's persistent :class:`~pipeline.feed.ItemFeed` (else one is made for
+        feed: the caller's persistent :class:`~teacher.feed.ItemFeed` (else one is made for
             this item and closed after it).
         prefetch: the (epoch, shard) this feed will be asked for next: replayed while the
             teacher scores this item.
@@ -168,8 +168,8 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
     Raises:
         ShardError naming the shard for a missing/truncated tar; nothing is written then.
     """
-    from pipeline.calibrate import calibrate_tail
-    from pipeline.job import cache_attrs, make_teacher, open_writer
+    from teacher.calibrate import calibrate_tail
+    from teacher.job import cache_attrs, make_teacher, open_writer
     from pipeline.shards import load_manifest
 
     t0 = time.perf_counter()

@@ -7,13 +7,13 @@ top-10 is 95 % of it on the benchmark rows, and its shape inside the tail is wha
 Model. Let ``z̃ = z - mean_c(z)`` be a row's logits centred over classes (softmax does not see
 the shift). A basis ``B`` [D, C] of the first D principal directions of ``z̃ - μ`` is fitted once,
 before any row is written, on the caching job's own calibration rows (:meth:`TailModel.fit`;
-``pipeline/calibrate.py``), and stored with the cache. Each row then stores ``D`` int8 codes
+``teacher/calibrate.py``), and stored with the cache. Each row then stores ``D`` int8 codes
 
     q = round(B (z̃ - μ) / δ),    clipped to [-127, 127],
 
 with one absolute step δ = ``TailConfig.step`` × the calibration logits' RMS spread. The
 rebuild takes ``μ + (q δ) B`` as the *shape* of the tail logits; the exact top-k log-probs and the
-stored tail mass fix everything else (teacher/targets.py). Codes are entropy-coded by the
+stored tail mass fix everything else (storage/targets.py). Codes are entropy-coded by the
 store: components whose spread is below δ are mostly 0 and cost almost nothing, which is the
 right bit allocation for squared error (steps scaled by component did no better, measured).
 

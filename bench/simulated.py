@@ -6,9 +6,9 @@ GPU kernel does, and returns deterministic pseudo-logits computed from the pixel
 random projection of 4x4 average-pooled images), so a wrong pixel still shows in the output.
 It has a small trainable head, so a student step (loss, backward, AdamW) works on it.
 
-* teacher: ``teacher.callable: teacher.simulated:sleeping_net`` with
+* teacher: ``teacher.callable: bench.simulated:sleeping_net`` with
   ``teacher.model_kwargs: {images_per_s: 400, num_classes: 1000}``;
-* student: ``model.name: teacher.simulated:sleeping_net`` with
+* student: ``model.name: bench.simulated:sleeping_net`` with
   ``model.model_kwargs: {images_per_s: 400}`` (``student.models`` resolves ``module:fn``).
 """
 from __future__ import annotations

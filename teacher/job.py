@@ -1,6 +1,6 @@
 """What a teacher cache is made from: the job config, its provenance attrs, teacher and writer.
 
-Shared by the Ray job (``pipeline.cache``) and the per-item work (``pipeline.work``), which
+Shared by the Ray job (``teacher.cache``) and the per-item work (``teacher.work``), which
 both import this module and not each other: the job sits above the work, this sits below both.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig, fingerprint
 from teacher.model import TeacherConfig, build_teacher, file_sha256
 from teacher.weights import pretrained_cfg, pretrained_file, resolved_tag
-from teacher.tail import TailConfig
+from storage.tail import TailConfig
 
 REPLAY_PLACES = ("local", "ray")
 
@@ -37,7 +37,7 @@ class CacheJobConfig(ConfigBase):
             the object store (a GPU node with few cores fed by CPU nodes).
         actors: teacher actors; 0 = one per GPU, else CPUs // (1 + num_workers).
         max_retries: re-runs of a work item whose actor died.
-        aug: the augmentation plan; teacher: the model; tail: the learned tail (teacher/tail.py).
+        aug: the augmentation plan; teacher: the model; tail: the learned tail (storage/tail.py).
     """
 
     shards: str = ""

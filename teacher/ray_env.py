@@ -1,6 +1,6 @@
 """A private Ray for runs that must not touch the machine's: tests, the demo, the rehearsal.
 
-Kept apart from ``pipeline.cache`` so that setting it up imports nothing heavy (pytest's
+Kept apart from ``teacher.cache`` so that setting it up imports nothing heavy (pytest's
 conftest calls it before any test module is imported).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Calibrate the learned tail (teacher/tail.py) once, before the caching job writes any row.
+"""Calibrate the learned tail (storage/tail.py) once, before the caching job writes any row.
 
 The basis is fitted on the teacher's full logits of the first ``tail.calibration_rows`` rows of
 epoch 0 (shards in order, every view), replayed exactly as the job will replay them. It is
@@ -57,7 +57,7 @@ def calibrate_tail(cfg, manifest, teacher, writer) -> bool:
     Returns:
         True when this call wrote the basis.
     """
-    from teacher.tail import TailModel
+    from storage.tail import TailModel
 
     if writer.has_tail():
         return False

@@ -2,7 +2,7 @@
 
 A cached row holds the teacher's top-k log-probabilities at temperature 1
 (``logit - logsumexp(logits)``), their class indices, the log of the tail mass
-``m = Σ_{j ∉ top-k} p_j`` and, with a learned tail, a tail *shape* (teacher/tail.py). The
+``m = Σ_{j ∉ top-k} p_j`` and, with a learned tail, a tail *shape* (storage/tail.py). The
 student needs the full teacher distribution at its own temperature τ, so we rebuild it:
 
 1. the top-k entries keep their log-probabilities ``lp_i``;
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from teacher.tail import TailModel
+    from storage.tail import TailModel
 
 __all__ = [
     "TeacherTargets",
@@ -59,7 +59,7 @@ class TeacherTargets(NamedTuple):
 
     logprobs: [B, k] log-probs at τ=1, sorted descending; indices: [B, k] class ids;
     log_tail: [B] log of the tail mass at τ=1, or None (then ``1 - Σ exp(logprobs)``);
-    tail_shape: [B, C] tail-logit shape (teacher/tail.py), or None for a uniform tail.
+    tail_shape: [B, C] tail-logit shape (storage/tail.py), or None for a uniform tail.
     """
 
     logprobs: Tensor

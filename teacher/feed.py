@@ -3,7 +3,7 @@
 An :class:`ItemFeed` lives as long as its teacher actor and turns started (epoch, shard) items
 into teacher batches, in the order they were started:
 
-* **workers** (``pipeline.pool``, started once): a feeder thread reads each item's shard and
+* **workers** (``teacher.pool``, started once): a feeder thread reads each item's shard and
   hands groups of its samples to them; a worker decodes each sample once and augments it for
   every view (``pipeline.premix``), so nothing is decoded twice, for a view or as a partner;
 * **batcher** (a thread next to the teacher): finishes each row (normalize, erase, mix with
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.plan import finish
-from pipeline.pool import make_pool
+from teacher.pool import make_pool
 from pipeline.premix import Premix, premix
 from pipeline.replay import replay_items
 from pipeline.schedule import epoch_cut, shard_pairs
@@ -179,7 +179,7 @@ class ItemFeed:
     """Replays (epoch, shard) items for one teacher into finished batches, ahead of it.
 
     Args:
-        cfg: a ``pipeline.job.CacheJobConfig`` (plan, views, batch_size, ``replay``, ``num_workers``).
+        cfg: a ``teacher.job.CacheJobConfig`` (plan, views, batch_size, ``replay``, ``num_workers``).
         manifest: the loaded manifest of ``cfg.shards``.
         out_size: the teacher's input size.
         pin: stage batches in pinned memory (a CUDA teacher: ``teacher.device.pin_memory``).
