@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from pipeline.cli import add_debug_flag, plural, run_cli
 from pipeline.config import load_config
@@ -31,12 +32,14 @@ from student.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpo
                                 restore, rng_state, save_checkpoint, set_rng_state)
 from student.config import TrainConfig, sections_help
 from student.data import TrainData, load_manifest, make_val_loader, open_checked_cache, resolve_plan
+from student.dryrun import format_report, schedule_report, write_order
 from student.evaluate import evaluate
 from student.losses import DistillationLoss
 from student.loop import LoopState, resolve_precision, train_one_epoch
 from student.metrics import MetricsLogger, epoch_line, plot_curves
 from student.models import build_student
 from student.optim import build_ema, build_optimizer, build_scheduler, end_epoch, scaled_lr
+from student.recipe import format_recipe, recipe_inputs, recipe_rows
 from student.resume import check_fresh_run_dir, check_resume, run_identity
 from student.targets import build_targets_fn
 
@@ -229,8 +232,6 @@ def _device(name: str) -> torch.device:
 def _progress(cfg, is_main: bool, total: int, epoch: int):
     if not (cfg.run.progress and is_main):
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, leave=False)
 
 
@@ -257,8 +258,6 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--order-out needs --dry-run")
     cfg = load_config(TrainConfig, args.config, overrides)
     if args.dry_run:
-        from student.dryrun import format_report, schedule_report, write_order
-
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         report = schedule_report(cfg, world)
         if args.order_out:
@@ -271,8 +270,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _print_recipe(cfg: TrainConfig) -> None:
     """--dry-run's second block: DeiT's recipe beside this config's (student/recipe.py)."""
-    from student.recipe import format_recipe, recipe_rows, recipe_inputs
-
     aug, views, where = recipe_inputs(cfg)
     print(format_recipe(recipe_rows(cfg, aug, views), where))
 
