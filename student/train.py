@@ -35,7 +35,7 @@ from student.data import TrainData, load_manifest, make_val_loader, open_checked
 from student.dryrun import format_report, schedule_report, write_order
 from student.evaluate import evaluate
 from student.losses import DistillationLoss
-from student.loop import LoopState, resolve_precision, train_one_epoch
+from student.loop import LoopParts, LoopState, StepConfig, resolve_precision, train_epoch
 from student.metrics import MetricsLogger, epoch_line, plot_curves
 from student.models import build_student
 from student.optim import build_ema, build_optimizer, build_scheduler, end_epoch, scaled_lr
@@ -121,8 +121,10 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
             if m["step"] % cfg.run.log_every == 0:
                 logger.log(m.pop("step"), m.pop("epoch"), **{f"train_{k}" if k != "lr" else k: v for k, v in m.items()})
 
+    parts = LoopParts(net, loss_fn, targets_fn, optimizer, precision, device, scheduler, ema, on_step=on_step,
+                      wait_clock=(lambda: reader.waited_s) if joins_cache else None)
+    steps = StepConfig(o.accum_steps, o.clip_grad, num_batches)
     metrics: dict = {}
-    wait_clock = (lambda: reader.waited_s) if joins_cache else None
     try:
         for epoch in range(state.epoch, end):
             state.epoch = epoch
@@ -131,10 +133,7 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
             batches = data.batches(epoch)
             if cfg.run.rank_audit:
                 batches = _audit_rows(batches, run_dir, dist.rank, epoch)
-            metrics = train_one_epoch(
-                net, batches, loss_fn, targets_fn, optimizer, scheduler, ema, state,
-                device=device, precision=precision, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
-                num_batches=num_batches, on_step=on_step, progress=bar, wait_clock=wait_clock)
+            metrics = train_epoch(parts, steps, batches, state, progress=bar)
             if bar is not None:
                 bar.close()
             end_epoch(scheduler, epoch, o.lr_step)
