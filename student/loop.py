@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from student import distributed as dist
+from teacher.device import AMP_MODES
 
 
 @dataclass
@@ -59,7 +60,7 @@ def precision_choice(amp: str, device_type: str) -> tuple[torch.dtype | None, bo
         return torch.bfloat16, False
     if amp == "fp16":
         return torch.float16, True
-    raise ValueError(f"run.amp must be auto|bf16|fp16|none, found {amp!r}")
+    raise ValueError(f"run.amp must be {'|'.join(AMP_MODES)}, found {amp!r}")
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
