@@ -38,7 +38,7 @@ from student.losses import DistillationLoss
 from student.loop import LoopParts, LoopState, StepConfig, resolve_precision, train_epoch
 from student.metrics import MetricsLogger, epoch_line, plot_curves
 from student.models import build_student
-from student.optim import build_ema, build_optimizer, build_scheduler, end_epoch, scaled_lr
+from student.optim import build_ema, build_optimizer, build_scheduler, end_epoch, peak_lr
 from student.recipe import format_recipe, recipe_inputs, recipe_rows
 from student.resume import check_fresh_run_dir, check_resume, run_identity
 from student.targets import build_targets_fn
@@ -88,7 +88,7 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
     loss_fn = DistillationLoss(cfg.loss.mode, manifest.num_classes, cfg.loss.alpha, cfg.loss.tau,
                                cfg.loss.label_smoothing, cfg.loss.teacher_label_smoothing)
     o = cfg.optim
-    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.data.batch_size, o.accum_steps, o.base_batch)
+    lr = peak_lr(o, cfg.data.batch_size)
     optimizer = build_optimizer(model, o.opt, lr, o.weight_decay, eps=o.opt_eps,
                                 **({"momentum": o.momentum} if o.opt in ("sgd", "momentum") else {}))
     scheduler = build_scheduler(optimizer, cfg.run.epochs, updates_per_epoch, o.warmup_epochs, o.min_lr, o.warmup_lr,
