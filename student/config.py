@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigBase, check
 from pipeline.plan import EVAL_RESIZES, AugConfig
+from teacher.device import AMP_MODES
 from teacher.model import TeacherConfig
 
 
@@ -201,7 +202,7 @@ class RunConfig(ConfigBase):
         check(self.best_metric is None or re.fullmatch(r"val_(ema_)?top[15]_(cls|dist|fused)", self.best_metric),
               "run.best_metric", f"must be val_[ema_]top1|top5_cls|dist|fused or null, found {self.best_metric!r}")
         check(self.device in ("auto", "cpu", "cuda"), "run.device", f"must be auto|cpu|cuda, found {self.device!r}")
-        check(self.amp in ("auto", "bf16", "fp16", "none"), "run.amp", f"must be auto|bf16|fp16|none, found {self.amp!r}")
+        check(self.amp in AMP_MODES, "run.amp", f"must be {'|'.join(AMP_MODES)}, found {self.amp!r}")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pipeline.schedule import Schedule
 from pipeline.shards import Manifest, load_manifest
 from storage import CacheCorruptError, CacheMismatchError, CacheNotReady, CacheReader, EpochNotInCache, open_cache
 from student.config import TrainConfig
+from teacher.job import checkpoint_sha256
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,7 @@ def open_checked_cache(cfg: TrainConfig, manifest: Manifest) -> tuple[CacheReade
     if cfg.teacher.k is not None and cfg.teacher.mode == "cached":
         expect["k"] = cfg.teacher.k
     if cfg.teacher.model is not None and cfg.teacher.mode == "cached":
-        from teacher.job import checkpoint_sha256  # loads hub weights only to hash them
-
+        # hub weights (no local file) are loaded only to hash them
         expect["checkpoint_sha256"] = checkpoint_sha256(cfg.teacher.model)
     reader = open_cache(cfg.cache.path, expect=expect)
     return reader, plan

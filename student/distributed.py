@@ -71,15 +71,6 @@ def barrier() -> None:
         td.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from ``src`` to every rank."""
-    if not is_active():
-        return obj
-    box = [obj]
-    td.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def shutdown() -> None:
     if is_active():
         td.destroy_process_group()

@@ -17,7 +17,7 @@ from pipeline.shards import load_manifest
 from student.config import TrainConfig
 from pipeline.plan import AugConfig
 from student.data import ReplayPlan, make_schedule, open_checked_cache, resolve_plan, steps_per_epoch
-from student.optim import build_optimizer, build_scheduler, lr_of_update, scaled_lr
+from student.optim import build_optimizer, build_scheduler, lr_of_update, peak_lr
 
 
 def schedule_report(cfg: TrainConfig, world_size: int = 1) -> dict:
@@ -38,7 +38,7 @@ def schedule_report(cfg: TrainConfig, world_size: int = 1) -> dict:
     steps = steps_per_epoch(cfg, schedule, per_rank, world_size)
     o = cfg.optim
     updates = math.ceil(steps / o.accum_steps)
-    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.data.batch_size, o.accum_steps, o.base_batch)
+    lr = peak_lr(o, cfg.data.batch_size)
     lrs = _lr_points(cfg, lr, updates)
     # Each (cache epoch, part|view) slot holds a disjoint set of rows (the cut partitions every
     # cache epoch), so "every row once per pass" = every slot once per cycle of E x V epochs.

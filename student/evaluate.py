@@ -7,14 +7,14 @@ how often the heads agree with each other and with the teacher.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from student import distributed
+from student.loop import Precision
 from student.models import eval_heads
 
 __all__ = ["evaluate"]
@@ -42,16 +42,12 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     num = torch.zeros((), dtype=torch.float64, device=device)
     preds: dict[str, list[Tensor]] = {"sample_id": []}
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else contextlib.nullcontext()
-    )
+    precision = Precision(device.type, amp_dtype)
     try:
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True).long()
-            with autocast:
+            with precision.autocast():
                 heads = eval_heads(model, images)
             heads = {k: v.float() for k, v in heads.items()}
             loss_sum += F.cross_entropy(heads["fused"], labels, reduction="sum").double()
@@ -73,15 +69,13 @@ def evaluate(
         model.train(was_training)
 
     keys = sorted(counts)
-    totals = torch.stack([loss_sum, num] + [counts[k] for k in keys])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    total_n = float(totals[1])
+    totals = distributed.all_reduce_sum(torch.stack([loss_sum, num] + [counts[k] for k in keys]).tolist())
+    total_n = totals[1]
     if total_n == 0:
         raise ValueError("evaluate: the loader yielded no samples")
-    result: dict = {"num_samples": int(total_n), "loss": float(totals[0]) / total_n}
+    result: dict = {"num_samples": int(total_n), "loss": totals[0] / total_n}
     for key, value in zip(keys, totals[2:]):
-        result[key] = 100.0 * float(value) / total_n
+        result[key] = 100.0 * value / total_n
     if return_predictions:
         result["predictions"] = {k: torch.cat(v) for k, v in preds.items()}
     return result

@@ -1,5 +1,9 @@
 """One training epoch: forward, loss, backward with accumulation, update, EMA, schedule.
 
+``train_epoch(parts, step, batches, state)``: the live objects of the run (:class:`LoopParts`),
+how micro-batches become updates (:class:`StepConfig`, values), and what changes per epoch (the
+batches, the position ``state``). An update (optimizer, scheduler, EMA) happens in one place.
+
 The step is generic: where the teacher targets come from (cache, online teacher, none)
 is hidden behind ``targets_fn(batch) -> TeacherTargets | None`` built in
 :mod:`student.targets`, so there is no feature branch inside the loop.
@@ -10,11 +14,12 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from student import distributed as dist
+from teacher.device import AMP_MODES
 
 
 @dataclass
@@ -55,7 +60,7 @@ def precision_choice(amp: str, device_type: str) -> tuple[torch.dtype | None, bo
         return torch.bfloat16, False
     if amp == "fp16":
         return torch.float16, True
-    raise ValueError(f"run.amp must be auto|bf16|fp16|none, found {amp!r}")
+    raise ValueError(f"run.amp must be {'|'.join(AMP_MODES)}, found {amp!r}")
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
@@ -95,31 +100,49 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    batches: Iterable[dict],
-    loss_fn: torch.nn.Module,
-    targets_fn: Callable[[dict], object],
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    ema,
-    state: LoopState,
-    *,
-    device: torch.device,
-    precision: Precision,
-    accum_steps: int = 1,
-    clip_grad: float | None = None,
-    num_batches: int | None = None,
-    on_step: Callable[[dict], None] | None = None,
-    progress=None,
-    wait_clock: Callable[[], float] | None = None,
-) -> dict:
-    """Train over ``batches`` (dicts from :class:`student.data.TrainData`), updating ``state``.
+@dataclass(frozen=True)
+class StepConfig:
+    """How micro-batches become optimizer updates: values fixed for the run."""
 
-    Every ``accum_steps`` micro-batches (and at the end of the epoch) the optimizer steps,
-    the scheduler gets ``step_update(update)`` and the EMA follows the model.
-    ``wait_clock()`` gives the seconds spent so far waiting for the teacher cache (a counter);
-    images_per_s leaves that time out and ``wait_s`` reports it.
+    accum_steps: int = 1              # micro-batches per optimizer update
+    clip_grad: float | None = None    # max gradient norm; None = no clipping
+    num_batches: int | None = None    # micro-batches per epoch (equal on every rank); None = until batches end
+
+
+@dataclass(frozen=True)
+class LoopParts:
+    """The live objects every epoch trains with, built once per run (:mod:`student.train`).
+
+    Args:
+        model: what trains (DDP-wrapped under torchrun); the EMA follows it.
+        loss_fn: ``(outputs, target, teacher) -> {"loss", "base", "distill"}``.
+        targets_fn: ``batch -> TeacherTargets | None`` (:mod:`student.targets`).
+        optimizer, precision, device: as built by the trainer.
+        scheduler: timm scheduler, told ``step_update(update)`` after every update; None = fixed lr.
+        ema: ``ModelEmaV3`` updated after every update; None = no EMA.
+        on_step: called after every micro-batch with epoch, step, update, lr and the loss parts.
+        wait_clock: seconds spent so far waiting for the teacher cache (a counter);
+            images_per_s leaves that time out and ``wait_s`` reports it.
+    """
+
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    targets_fn: Callable[[dict], object]
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    device: torch.device
+    scheduler: Any = None
+    ema: Any = None
+    on_step: Callable[[dict], None] | None = None
+    wait_clock: Callable[[], float] | None = None
+
+
+def train_epoch(parts: LoopParts, step: StepConfig, batches: Iterable[dict], state: LoopState,
+                progress=None) -> dict:
+    """Train over ``batches`` (dicts from :class:`student.data.TrainData`), advancing ``state``.
+
+    Every ``step.accum_steps`` micro-batches (and at the end of the epoch) the weights take one
+    update (:func:`_update`: optimizer, scheduler, EMA). ``progress`` (a tqdm bar) moves per batch.
 
     Returns:
         Epoch metrics reduced over ranks: loss, base, distill, images, dropped, images_per_s, wait_s.
@@ -127,63 +150,37 @@ def train_one_epoch(
     Raises:
         FloatingPointError: a non-finite loss, naming the epoch and step.
     """
-    model.train()
+    parts.model.train()
     stats = EpochStats()
-    optimizer.zero_grad(set_to_none=True)
+    parts.optimizer.zero_grad(set_to_none=True)
     pending = 0
-    waited = wait_clock or (lambda: 0.0)
+    waited = parts.wait_clock or (lambda: 0.0)
     start, wait_start = time.perf_counter(), waited()
     for i, batch in enumerate(dist.lockstep(batches)):
-        if num_batches is not None and i >= num_batches:
+        if step.num_batches is not None and i >= step.num_batches:
             break
         stats.dropped += float(batch.pop("dropped", 0))
-        batch = _to_device(batch, device)
-        n = int(batch["image"].shape[0])
-        last = num_batches is not None and i == num_batches - 1
-        sync = (pending + 1 == accum_steps) or last
-        # DDP: skip the gradient all-reduce on micro-batches that do not update.
-        no_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with no_sync:
-            teacher = targets_fn(batch)
-            with precision.autocast():
-                outputs = model(batch["image"])
-                parts = loss_fn(outputs, batch["target"], teacher)
-            loss = parts["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss {loss.item()} at epoch {state.epoch} step {state.step} (update {state.update})"
-                )
-            scaled = loss / accum_steps
-            if precision.scaler is not None:
-                precision.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+        batch = _to_device(batch, parts.device)
+        updates = pending + 1 == step.accum_steps or (step.num_batches is not None and i == step.num_batches - 1)
+        with _grad_sync(parts.model, updates):
+            losses = _backward(parts, batch, step.accum_steps, state)
         pending += 1
         state.step += 1
-        parts = {k: v.detach().float().item() for k, v in parts.items()}
-        stats.add(parts, n)
-        if pending == accum_steps or last:
-            _update(model, optimizer, precision, clip_grad)
+        stats.add(losses, int(batch["image"].shape[0]))
+        if updates:
+            _update(parts, step.clip_grad, state)
             pending = 0
-            state.update += 1
-            if scheduler is not None:
-                scheduler.step_update(num_updates=state.update)
-            if ema is not None:
-                ema.update(model, step=state.update)
-        if on_step is not None:
-            on_step({"epoch": state.epoch, "step": state.step, "update": state.update, "lr": optimizer.param_groups[0]["lr"], **parts})
+        if parts.on_step is not None:
+            parts.on_step({"epoch": state.epoch, "step": state.step, "update": state.update,
+                           "lr": parts.optimizer.param_groups[0]["lr"], **losses})
         if progress is not None:
             elapsed = time.perf_counter() - start - (waited() - wait_start)
-            progress.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{stats.images / max(elapsed, 1e-9):.0f}", refresh=False)
+            progress.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{stats.images / max(elapsed, 1e-9):.0f}",
+                                 refresh=False)
             progress.update(1)
     if pending:
         # Epoch ended mid-accumulation (unknown length): flush so epochs are self-contained.
-        _update(model, optimizer, precision, clip_grad)
-        state.update += 1
-        if scheduler is not None:
-            scheduler.step_update(num_updates=state.update)
-        if ema is not None:
-            ema.update(model, step=state.update)
+        _update(parts, step.clip_grad, state)
     stats.seconds = time.perf_counter() - start
     stats.wait_s = waited() - wait_start
     metrics = stats.reduced()
@@ -192,15 +189,54 @@ def train_one_epoch(
     return metrics
 
 
-def _update(model, optimizer, precision: Precision, clip_grad: float | None) -> None:
-    scaler = precision.scaler
+def _grad_sync(model: torch.nn.Module, sync: bool):
+    """DDP: skip the gradient all-reduce on micro-batches that do not update."""
+    return model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+
+
+def _backward(parts: LoopParts, batch: dict, accum_steps: int, state: LoopState) -> dict[str, float]:
+    """Forward and backward of one micro-batch (gradients accumulate); returns the loss parts."""
+    teacher = parts.targets_fn(batch)
+    with parts.precision.autocast():
+        outputs = parts.model(batch["image"])
+        losses = parts.loss_fn(outputs, batch["target"], teacher)
+    loss = losses["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} at epoch {state.epoch} step {state.step} (update {state.update})"
+        )
+    scaled = loss / accum_steps
+    if parts.precision.scaler is not None:
+        parts.precision.scaler.scale(scaled).backward()
+    else:
+        scaled.backward()
+    return {k: v.detach().float().item() for k, v in losses.items()}
+
+
+def _update(parts: LoopParts, clip_grad: float | None, state: LoopState) -> None:
+    """One optimizer update from the accumulated gradients; the schedule and the EMA follow it."""
+    optimizer, scaler = parts.optimizer, parts.precision.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)
     if clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), clip_grad)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    state.update += 1
+    if parts.scheduler is not None:
+        parts.scheduler.step_update(num_updates=state.update)
+    if parts.ema is not None:
+        parts.ema.update(parts.model, step=state.update)
+
+
+def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: torch.nn.Module,
+                    targets_fn: Callable[[dict], object], optimizer: torch.optim.Optimizer, scheduler, ema,
+                    state: LoopState, *, device: torch.device, precision: Precision, num_batches: int | None = None,
+                    wait_clock: Callable[[], float] | None = None) -> dict:
+    """:func:`train_epoch` in one call, one update per batch and no hooks (tests and benchmarks)."""
+    parts = LoopParts(model, loss_fn, targets_fn, optimizer, precision, device, scheduler, ema, wait_clock=wait_clock)
+    return train_epoch(parts, StepConfig(num_batches=num_batches), batches, state)

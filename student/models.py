@@ -14,7 +14,13 @@ from typing import Any, Callable
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
+
+from pipeline.config import ConfigError
+from student.checkpoint import CheckpointError, load_checkpoint
+from teacher.model import set_stem_stride, unwrap_state_dict
+from teacher.weights import create_pretrained, resolved_tag
 
 __all__ = ["build_student", "is_distilled", "unwrap", "eval_heads", "load_for_finetune", "describe_load"]
 
@@ -72,8 +78,6 @@ def build_student(
     kwargs.setdefault("drop_path_rate", drop_path_rate)
     model = _create(name, num_classes, img_size, kwargs)
     if stem_stride is not None:
-        from teacher.model import set_stem_stride  # local: only convnet teachers need it
-
         set_stem_stride(model, int(stem_stride))
     if channels_last:
         # Grouped-conv backward on CPU is ~5x faster in channels_last (weights AND inputs).
@@ -82,15 +86,9 @@ def build_student(
     if is_distilled(model):
         model.set_distilled_training(True)
     if checkpoint:
-        # local imports: checkpoint imports nothing of ours; teacher.model knows the wrappers
-        # checkpoints come in ({"model": sd}, {"state_dict": sd}, "module." prefixes)
-        from student.checkpoint import load_checkpoint
-        from teacher.model import unwrap_state_dict
-
+        # teacher.model knows the wrappers checkpoints come in ({"model": sd}, {"state_dict": sd}, "module." prefixes)
         source, state = f"model.checkpoint {checkpoint}", unwrap_state_dict(load_checkpoint(checkpoint), checkpoint)
     elif pretrained:
-        from teacher.weights import create_pretrained, resolved_tag
-
         source = f"model.pretrained {resolved_tag(name, pretrained_cfg_overlay)}"
         state = create_pretrained(name, pretrained_cfg_overlay, "model", **kwargs).state_dict()
     else:
@@ -112,8 +110,6 @@ _UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
 def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model`` (or ``module:fn``); a name or kwarg timm rejects becomes a ConfigError
     naming the key."""
-    from pipeline.config import ConfigError
-
     if ":" in name:  # "module:fn", e.g. the bench-only bench.simulated:sleeping_net
         module, _, fn = name.partition(":")
         return getattr(importlib.import_module(module), fn)(num_classes=num_classes, img_size=img_size, **kwargs)
@@ -146,8 +142,6 @@ def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any]) 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside DDP / DataParallel / ModelEmaV3 / torch.compile wrappers."""
-    from timm.utils import ModelEmaV3
-
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, ModelEmaV3)):
             model = model.module
@@ -194,8 +188,6 @@ def load_for_finetune(model: nn.Module, state_dict: dict[str, Tensor], source: s
     Raises:
         CheckpointError: naming the missing / unexpected / mis-shaped keys.
     """
-    from student.checkpoint import CheckpointError
-
     state = dict(state_dict)
     own = model.state_dict()
     resized = {}

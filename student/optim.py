@@ -25,7 +25,7 @@ Two ways to step the lr (``optim.lr_step``), on the same timm schedule (linear w
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -33,7 +33,11 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["scaled_lr", "build_optimizer", "build_scheduler", "end_epoch", "lr_of_update", "ModelEma", "build_ema"]
+if TYPE_CHECKING:
+    from student.config import OptimConfig
+
+__all__ = ["scaled_lr", "peak_lr", "build_optimizer", "build_scheduler", "end_epoch", "lr_of_update", "ModelEma",
+           "build_ema"]
 
 ModelEma = ModelEmaV3
 
@@ -41,6 +45,13 @@ ModelEma = ModelEmaV3
 def scaled_lr(base_lr: float, batch_size: int, accum_steps: int = 1, base_batch: int = 512) -> float:
     """DeiT linear scaling: ``base_lr · (global batch · accum_steps) / base_batch`` (DeiT: 512)."""
     return base_lr * batch_size * accum_steps / float(base_batch)
+
+
+def peak_lr(optim: OptimConfig, batch_size: int) -> float:
+    """The run's lr: ``optim.lr`` when set, else :func:`scaled_lr` of ``optim.base_lr`` for the global batch."""
+    if optim.lr is not None:
+        return optim.lr
+    return scaled_lr(optim.base_lr, batch_size, optim.accum_steps, optim.base_batch)
 
 
 def build_optimizer(

@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.plan import AugConfig
+from storage import open_cache
 from student.config import TrainConfig
 
 DEIT_RANDAUGMENT = "rand-m9-mstd0.5-inc1"
@@ -157,8 +158,6 @@ def recipe_inputs(cfg: TrainConfig) -> tuple[AugConfig, int, str]:
     else the cache's attrs, else (no cache yet) the DeiT defaults of AugConfig."""
     views = cfg.data.views
     if cfg.cache.path:
-        from storage import open_cache
-
         try:
             attrs = open_cache(cfg.cache.path).attrs
         except FileNotFoundError:

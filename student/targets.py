@@ -22,6 +22,7 @@ import torch
 from pipeline.config import ConfigError
 from storage import CacheMismatchError
 from teacher.fidelity import advice
+from teacher.model import TeacherConfig, build_teacher
 from storage.targets import TeacherTargets, targets_from_logits
 
 
@@ -83,8 +84,6 @@ def build_targets_fn(cfg, plan, reader, num_classes: int, device, log: Callable[
         if cfg.loss.mode == "soft":
             report_fidelity(reader, cfg.loss.tau, log)
         return CachedTargets(reader.tail_model()), True
-    from teacher.model import TeacherConfig, build_teacher  # online only: keeps cached runs light
-
     tcfg = cfg.teacher.model
     if tcfg is None:
         tcfg = TeacherConfig.from_dict(_job_teacher(reader.attrs, cfg.cache.path))

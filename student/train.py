@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from pipeline.cli import add_debug_flag, plural, run_cli
 from pipeline.config import load_config
@@ -31,12 +32,14 @@ from student.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpo
                                 restore, rng_state, save_checkpoint, set_rng_state)
 from student.config import TrainConfig, sections_help
 from student.data import TrainData, load_manifest, make_val_loader, open_checked_cache, resolve_plan
+from student.dryrun import format_report, schedule_report, write_order
 from student.evaluate import evaluate
 from student.losses import DistillationLoss
-from student.loop import LoopState, resolve_precision, train_one_epoch
+from student.loop import LoopParts, LoopState, StepConfig, resolve_precision, train_epoch
 from student.metrics import MetricsLogger, epoch_line, plot_curves
 from student.models import build_student
-from student.optim import build_ema, build_optimizer, build_scheduler, end_epoch, scaled_lr
+from student.optim import build_ema, build_optimizer, build_scheduler, end_epoch, peak_lr
+from student.recipe import format_recipe, recipe_inputs, recipe_rows
 from student.resume import check_fresh_run_dir, check_resume, run_identity
 from student.targets import build_targets_fn
 
@@ -85,7 +88,7 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
     loss_fn = DistillationLoss(cfg.loss.mode, manifest.num_classes, cfg.loss.alpha, cfg.loss.tau,
                                cfg.loss.label_smoothing, cfg.loss.teacher_label_smoothing)
     o = cfg.optim
-    lr = o.lr if o.lr is not None else scaled_lr(o.base_lr, cfg.data.batch_size, o.accum_steps, o.base_batch)
+    lr = peak_lr(o, cfg.data.batch_size)
     optimizer = build_optimizer(model, o.opt, lr, o.weight_decay, eps=o.opt_eps,
                                 **({"momentum": o.momentum} if o.opt in ("sgd", "momentum") else {}))
     scheduler = build_scheduler(optimizer, cfg.run.epochs, updates_per_epoch, o.warmup_epochs, o.min_lr, o.warmup_lr,
@@ -118,8 +121,10 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
             if m["step"] % cfg.run.log_every == 0:
                 logger.log(m.pop("step"), m.pop("epoch"), **{f"train_{k}" if k != "lr" else k: v for k, v in m.items()})
 
+    parts = LoopParts(net, loss_fn, targets_fn, optimizer, precision, device, scheduler, ema, on_step=on_step,
+                      wait_clock=(lambda: reader.waited_s) if joins_cache else None)
+    steps = StepConfig(o.accum_steps, o.clip_grad, num_batches)
     metrics: dict = {}
-    wait_clock = (lambda: reader.waited_s) if joins_cache else None
     try:
         for epoch in range(state.epoch, end):
             state.epoch = epoch
@@ -128,10 +133,7 @@ def train(cfg: TrainConfig, force_resume: bool = False) -> dict:
             batches = data.batches(epoch)
             if cfg.run.rank_audit:
                 batches = _audit_rows(batches, run_dir, dist.rank, epoch)
-            metrics = train_one_epoch(
-                net, batches, loss_fn, targets_fn, optimizer, scheduler, ema, state,
-                device=device, precision=precision, accum_steps=o.accum_steps, clip_grad=o.clip_grad,
-                num_batches=num_batches, on_step=on_step, progress=bar, wait_clock=wait_clock)
+            metrics = train_epoch(parts, steps, batches, state, progress=bar)
             if bar is not None:
                 bar.close()
             end_epoch(scheduler, epoch, o.lr_step)
@@ -229,8 +231,6 @@ def _device(name: str) -> torch.device:
 def _progress(cfg, is_main: bool, total: int, epoch: int):
     if not (cfg.run.progress and is_main):
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, leave=False)
 
 
@@ -257,8 +257,6 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--order-out needs --dry-run")
     cfg = load_config(TrainConfig, args.config, overrides)
     if args.dry_run:
-        from student.dryrun import format_report, schedule_report, write_order
-
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         report = schedule_report(cfg, world)
         if args.order_out:
@@ -271,8 +269,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _print_recipe(cfg: TrainConfig) -> None:
     """--dry-run's second block: DeiT's recipe beside this config's (student/recipe.py)."""
-    from student.recipe import format_recipe, recipe_rows, recipe_inputs
-
     aug, views, where = recipe_inputs(cfg)
     print(format_recipe(recipe_rows(cfg, aug, views), where))
 
