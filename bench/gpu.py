@@ -15,7 +15,7 @@ Weights are random (nothing is downloaded): speed does not depend on them.
   ``Teacher.score`` over 8+ items with prefetch, after the first item, divided by the bare
   ``Teacher.forward_logits`` on a GPU-resident batch of the same size. Goal >= 0.9 if the CPUs
   can replay as fast as the GPU scores; the per-core replay rate is printed to tell.
-* ``cached_over_online``: a DeiT-S (distilled) training step (``student.loop.train_one_epoch``,
+* ``cached_over_online``: a DeiT-S (distilled) training step (``student.loop.train_epoch``,
   AdamW, bf16 autocast) with cached top-k targets vs with RegNetY-16GF run in the loop, on the
   same replayed batches (decode and augmentation excluded: identical in both), interleaved
   rounds. ``flop_limit`` = (student fwd+bwd + teacher fwd) / (student fwd+bwd) FLOPs, measured
@@ -124,14 +124,14 @@ def student_batches(cfg, manifest, teacher, s: dict, device: torch.device, count
 
 
 def student_rates(teacher, batches: list, s: dict, device: torch.device, rounds: int) -> dict:
-    from student.loop import LoopState, resolve_precision, train_one_epoch
+    from student.loop import LoopParts, LoopState, StepConfig, resolve_precision, train_epoch
     from student.losses import DistillationLoss
     from student.models import build_student
     from student.optim import build_optimizer
-    from student.targets import OnlineTargets, cached_targets
+    from student.targets import CachedTargets, OnlineTargets
 
     precision = resolve_precision("auto", device)
-    modes = {"cached": cached_targets, "online": OnlineTargets(teacher.forward_logits, 10, s["img"])}
+    modes = {"cached": CachedTargets(), "online": OnlineTargets(teacher.forward_logits, 10, s["img"])}
     runs = {}
     for name, fn in modes.items():
         torch.manual_seed(0)
@@ -142,8 +142,8 @@ def student_rates(teacher, batches: list, s: dict, device: torch.device, rounds:
         for name, run in runs.items():
             sync(device)
             t0 = time.perf_counter()
-            train_one_epoch(run["model"], [dict(b) for b in batches], run["loss"], run["fn"], run["opt"], None, None,
-                            LoopState(), device=device, precision=precision, num_batches=len(batches))
+            parts = LoopParts(run["model"], run["loss"], run["fn"], run["opt"], precision, device)
+            train_epoch(parts, StepConfig(num_batches=len(batches)), [dict(b) for b in batches], LoopState())
             sync(device)
             if r:
                 run["rates"].append(len(batches) * s["student_batch"] / (time.perf_counter() - t0))

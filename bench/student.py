@@ -10,7 +10,7 @@ distillation nothing, so:
 * ``cached_over_none``   goal >= 0.97 (the join + distillation loss are ~free);
 * ``cached_over_online`` goal >= 0.9 x ``flop_limit_online`` = 0.9 x (S + T) / S.
 
-All four modes run the real ``student.loop.train_one_epoch`` (AdamW, DeiT loss) and are
+All four modes run the real ``student.loop.train_epoch`` (AdamW, DeiT loss) and are
 interleaved round by round in one process; the median round is reported. Replayed image
 batches are materialised once up front because decode + augmentation cost the same in every
 mode (and, on 2 CPU cores, would only blur the comparison); the cache lookup of the cached
@@ -42,7 +42,7 @@ from teacher.work import run_item  # noqa: E402
 from student.config import TrainConfig  # noqa: E402
 from student.data import TrainData, open_checked_cache  # noqa: E402
 from student.losses import DistillationLoss  # noqa: E402
-from student.loop import LoopState, Precision, train_one_epoch  # noqa: E402
+from student.loop import LoopParts, LoopState, Precision, StepConfig, train_epoch  # noqa: E402
 from student.models import build_student  # noqa: E402
 from student.optim import build_optimizer  # noqa: E402
 from student.targets import CachedTargets, OnlineTargets, no_targets  # noqa: E402
@@ -152,8 +152,8 @@ def main(argv=None) -> dict:
                 n = 0
                 for batch in run["batches"]():
                     n += batch["image"].shape[0]
-                    train_one_epoch(run["model"], [batch], run["loss"], run["fn"], run["opt"], None, None,
-                                    LoopState(), device=torch.device("cpu"), precision=precision, num_batches=1)
+                    parts = LoopParts(run["model"], run["loss"], run["fn"], run["opt"], precision, torch.device("cpu"))
+                    train_epoch(parts, StepConfig(num_batches=1), [batch], LoopState())
                 rate = n / (time.perf_counter() - t0)
                 if r:
                     run["rates"].append(rate)

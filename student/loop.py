@@ -231,12 +231,3 @@ def _update(parts: LoopParts, clip_grad: float | None, state: LoopState) -> None
         parts.scheduler.step_update(num_updates=state.update)
     if parts.ema is not None:
         parts.ema.update(parts.model, step=state.update)
-
-
-def train_one_epoch(model: torch.nn.Module, batches: Iterable[dict], loss_fn: torch.nn.Module,
-                    targets_fn: Callable[[dict], object], optimizer: torch.optim.Optimizer, scheduler, ema,
-                    state: LoopState, *, device: torch.device, precision: Precision, num_batches: int | None = None,
-                    wait_clock: Callable[[], float] | None = None) -> dict:
-    """:func:`train_epoch` in one call, one update per batch and no hooks (tests and benchmarks)."""
-    parts = LoopParts(model, loss_fn, targets_fn, optimizer, precision, device, scheduler, ema, wait_clock=wait_clock)
-    return train_epoch(parts, StepConfig(num_batches=num_batches), batches, state)

@@ -16,7 +16,7 @@ from teacher.cache import cache_attrs, make_teacher, open_writer
 from pipeline.shards import load_manifest
 from teacher.work import run_item
 from storage import wait_for_cache
-from student.loop import LoopState, Precision, train_one_epoch
+from student.loop import LoopParts, LoopState, Precision, StepConfig, train_epoch
 from student.losses import DistillationLoss
 from student.train import train
 from test_student_data import build_cache, student_config
@@ -101,10 +101,9 @@ def test_throughput_excludes_cache_waits(counted):
     model = torch.nn.Linear(4, 3)
     clock = _Clock()
     start = time.perf_counter()
-    m = train_one_epoch(model, _batches(clock, 3, 0.4), DistillationLoss("none", 3), lambda b: None,
-                        torch.optim.SGD(model.parameters(), 0.1), None, None, LoopState(),
-                        device=torch.device("cpu"), precision=Precision(), num_batches=3,
-                        wait_clock=(lambda: clock.waited_s) if counted else None)
+    parts = LoopParts(model, DistillationLoss("none", 3), lambda b: None, torch.optim.SGD(model.parameters(), 0.1),
+                      Precision(), torch.device("cpu"), wait_clock=(lambda: clock.waited_s) if counted else None)
+    m = train_epoch(parts, StepConfig(num_batches=3), _batches(clock, 3, 0.4), LoopState())
     wall = time.perf_counter() - start
     busy = m["images"] / m["images_per_s"]
     if counted:

@@ -331,7 +331,7 @@ def test_finetune_at_higher_resolution(fmnist_shards, cache, tmp_path):
 
 
 def test_non_finite_loss_names_the_step():
-    from student.loop import LoopState, Precision, train_one_epoch
+    from student.loop import LoopParts, LoopState, Precision, StepConfig, train_epoch
 
     model = torch.nn.Linear(4, 3)
     batch = {"image": torch.randn(2, 4), "target": torch.full((2, 3), 1 / 3)}
@@ -341,5 +341,6 @@ def test_non_finite_loss_names_the_step():
 
     state = LoopState(epoch=3, step=41)
     with pytest.raises(FloatingPointError, match="epoch 3 step 41"):
-        train_one_epoch(model, [dict(batch)], nan_loss, lambda b: None, torch.optim.SGD(model.parameters(), 0.1),
-                        None, None, state, device=torch.device("cpu"), precision=Precision(), num_batches=1)
+        parts = LoopParts(model, nan_loss, lambda b: None, torch.optim.SGD(model.parameters(), 0.1), Precision(),
+                          torch.device("cpu"))
+        train_epoch(parts, StepConfig(num_batches=1), [dict(batch)], state)
