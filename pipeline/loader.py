@@ -29,7 +29,8 @@ import torch
 from pipeline.plan import AugConfig, mix_pairs
 from pipeline.replay import collate, replay_row
 from pipeline.schedule import RankOrder, Schedule, epoch_cut
-from pipeline.shards import Manifest, read_shard
+from pipeline.manifest import Manifest
+from pipeline.shards import read_shard
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,10 @@ import torch
 from PIL import Image
 
 from pipeline.plan import AugConfig, AugParams, apply, mix, sample_params, soft_label
-from pipeline.shards import RawSample, SampleError, ShardError, ShardInfo, decode_image
+from pipeline.decode import decode_image
+from pipeline.errors import SampleError, ShardError
+from pipeline.manifest import ShardInfo
+from pipeline.shards import RawSample
 
 SkipSink = list | Callable[[dict], None] | None
 

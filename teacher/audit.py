@@ -60,7 +60,8 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
     from teacher.model import weights_source
     from pipeline.replay import replay_items
     from pipeline.schedule import epoch_cut, shard_pairs
-    from pipeline.shards import load_manifest, read_shard
+    from pipeline.manifest import load_manifest
+    from pipeline.shards import read_shard
     from storage import CacheMismatchError, open_cache
 
     reader = open_cache(cache)

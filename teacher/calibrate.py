@@ -20,7 +20,8 @@ def calibration_logits(cfg, manifest, teacher, rows: int) -> np.ndarray:
     """
     from pipeline.replay import replay_items
     from pipeline.schedule import epoch_cut, shard_pairs
-    from pipeline.shards import ShardError, read_shard
+    from pipeline.errors import ShardError
+    from pipeline.shards import read_shard
 
     cut = epoch_cut(cfg.seed, 0, cfg.views)
     images: list[torch.Tensor] = []

@@ -32,7 +32,9 @@ from teacher.pool import make_pool
 from pipeline.premix import Premix, premix
 from pipeline.replay import replay_items
 from pipeline.schedule import epoch_cut, shard_pairs
-from pipeline.shards import SampleError, ShardInfo, read_shard
+from pipeline.errors import SampleError
+from pipeline.manifest import ShardInfo
+from pipeline.shards import read_shard
 
 GROUP_SAMPLES = 8  # samples per worker task: ~24 images at 3 views, tens of ms of work
 AHEAD = 2          # finished batches ready per item

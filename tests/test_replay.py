@@ -18,7 +18,9 @@ from pipeline.loader import LoaderConfig, ReplayLoader
 from pipeline.plan import AugConfig
 from pipeline.replay import replay_items
 from pipeline.schedule import Schedule, epoch_cut, shard_pairs
-from pipeline.shards import ShardError, load_manifest, read_shard
+from pipeline.errors import ShardError
+from pipeline.manifest import load_manifest
+from pipeline.shards import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = AugConfig()  # DeiT defaults: RandAugment, erasing, Mixup/CutMix on
