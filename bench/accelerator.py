@@ -91,7 +91,9 @@ from bench.photos import imagenet_jpegs  # noqa: E402
 from teacher.job import CacheJobConfig  # noqa: E402
 from pipeline.plan import AugConfig  # noqa: E402
 from pipeline.premix import premix  # noqa: E402
-from pipeline.shards import SourceSample, decode_image, load_manifest, read_shard, write_shards  # noqa: E402
+from pipeline.decode import decode_image  # noqa: E402
+from pipeline.shards import read_shard  # noqa: E402
+from pipeline.writer import SourceSample, write_shards  # noqa: E402
 
 VIEWS, OUT, CLASSES, BATCH = 3, 224, 1000, 64
 SIMULATED = "bench.simulated:sleeping_net"

@@ -56,7 +56,7 @@ def make_inputs(work: Path, samples: int, shard_size: int = 256) -> tuple[str, s
     import torch
 
     from pipeline.make_shards import fmnist_samples, load_fmnist
-    from pipeline.shards import write_shards
+    from pipeline.writer import write_shards
     from teacher.model import TeacherConfig, create_model
 
     images, labels = load_fmnist("train", limit=samples)
@@ -84,7 +84,7 @@ def bench_item_vs_forward(cfg) -> dict:
 
     from teacher.cache import cache_attrs, make_teacher, open_writer
     from teacher.calibrate import calibrate_tail
-    from pipeline.shards import load_manifest
+    from pipeline.manifest import load_manifest
     from teacher.work import run_item
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from accelerator import make_shards, write_result  # noqa: E402  (ImageNet-like JPEG shards from real photos)
 from teacher.feed import ItemFeed, item_pairs  # noqa: E402
 from teacher.job import CacheJobConfig, make_teacher  # noqa: E402
-from pipeline.replay import replay_items  # noqa: E402
+from pipeline.replay import ReplayRequest, replay_items  # noqa: E402
 from pipeline.shards import read_shard  # noqa: E402
 from teacher.work import score_item  # noqa: E402
 from teacher.device import non_blocking, pin_memory  # noqa: E402
@@ -102,8 +102,8 @@ def replay_per_core(cfg, manifest) -> float:
     t0, n = time.process_time(), 0
     for view in range(cfg.views):
         decoded: dict = {}
-        n += sum(1 for _ in replay_items(samples, shard, cfg.aug, cfg.seed, 0, view, cfg.teacher.input_size,
-                                         1000, decoded=decoded, pairs=item_pairs(cfg, 0, view, shard)))
+        request = ReplayRequest(cfg.aug, cfg.seed, 0, view, cfg.teacher.input_size, 1000)
+        n += sum(1 for _ in replay_items(request, samples, shard, item_pairs(cfg, 0, view, shard), decoded=decoded))
     return n / (time.process_time() - t0)
 
 
@@ -111,8 +111,8 @@ def student_batches(cfg, manifest, teacher, s: dict, device: torch.device, count
     """Replayed (image, target) batches with the teacher's top-10 as cached rows, on the device."""
     shard = manifest.shards[0]
     samples = read_shard(manifest, shard)
-    items = list(replay_items(samples, shard, cfg.aug, cfg.seed, 0, 0, s["img"], 1000,
-                              pairs=item_pairs(cfg, 0, 0, shard)))
+    items = list(replay_items(ReplayRequest(cfg.aug, cfg.seed, 0, 0, s["img"], 1000), samples, shard,
+                              item_pairs(cfg, 0, 0, shard)))
     out = []
     for b in range(count):
         chunk = [items[(b * s["student_batch"] + i) % len(items)] for i in range(s["student_batch"])]

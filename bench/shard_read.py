@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench._env import provenance  # noqa: E402
 from bench.photos import imagenet_jpegs  # noqa: E402
-from pipeline.shards import SourceSample, load_manifest, parse_sample, read_shard, write_shards  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.shards import parse_sample, read_shard  # noqa: E402
+from pipeline.writer import SourceSample, write_shards  # noqa: E402
 
 
 def main(argv=None) -> int:

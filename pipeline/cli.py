@@ -23,7 +23,7 @@ DEBUG_ENV = "KDCACHE_DEBUG"
 # torch or zarr does not import them just to report its errors.
 USER_ERRORS: dict[str, tuple[str, ...]] = {
     "pipeline.config": ("ConfigError",),            # bad key / value / override (names the field)
-    "pipeline.shards": ("ShardError",),             # missing manifest, broken or changed shard
+    "pipeline.errors": ("ShardError",),             # missing manifest, broken or changed shard
     "teacher.cache": ("CacheJobError",),           # work items that failed (names them)
     "storage.cache": ("CacheMismatchError", "CacheNotReady"),
     "teacher.model": ("TeacherLoadError",),

@@ -25,6 +25,11 @@ pixel) in each of the many workers that decode at once; PIL's own guard warns at
 refuses only at 179 MP (a 120 MP JPEG took ``make_shards`` to 750 MB RSS). The caching job
 and student take it from ``aug.max_pixels``, ``make_shards`` from ``--max-pixels``; a refused
 image is a bad sample like a corrupt one (``--skip-bad`` records it).
+
+**Samples and shards.** :func:`decode_image` decodes a shard's sample and names shard and key
+when it cannot (a :class:`~pipeline.errors.SampleError`). :func:`encode_for_shard` is what
+``make_shards`` stores: it checks that the bytes decode by this rule, keeps original
+JPEG/PNG/WebP bytes (the ImageNet convention) and re-encodes other formats as PNG (lossless).
 """
 from __future__ import annotations
 
@@ -33,10 +38,15 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.errors import SampleError
+from pipeline.shards import RawSample
+
 _BACKGROUND = (255, 255, 255)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 DEFAULT_MAX_PIXELS = 64_000_000  # width x height; see "Pixel limit" above
+_KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
 
 
 class DecodeError(ValueError):
@@ -98,6 +108,52 @@ def decode(data: bytes, exif_transpose: bool = True, max_pixels: int = DEFAULT_M
         raise
     except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
         raise DecodeError(f"{type(exn).__name__}: {exn}") from exn
+
+
+def decode_image(raw: RawSample, exif_transpose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a sample's bytes into 8-bit RGB (:func:`decode`); SampleError naming
+    shard/key, also for a sample the manifest lists as bad or one over ``max_pixels``."""
+    if raw.error is not None:
+        raise SampleError(f"shard {raw.shard or '?'} key {raw.key} (sample_id {raw.sample_id}): listed as bad "
+                          f"in the manifest: {raw.error}", shard=raw.shard, key=raw.key)
+    try:
+        return decode(raw.data, exif_transpose, max_pixels)
+    except DecodeError as exn:
+        raise SampleError(f"shard {raw.shard or '?'} key {raw.key} (sample_id {raw.sample_id}): "
+                          f"cannot decode {raw.ext}: {exn}", shard=raw.shard, key=raw.key) from exn
+
+
+def encode_for_shard(data: bytes, origin: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+    """Validate encoded image bytes by decoding them the plan's way; return (bytes, ext).
+
+    JPEG, PNG and WebP bytes are kept as they are (the ImageNet convention); any other format
+    Pillow reads (TIFF, BMP, PPM, GIF, ...) is re-encoded as lossless PNG in its own mode where
+    PNG has one (16-bit gray, alpha, palette stay), with the EXIF orientation applied, because
+    the PNG loses the tag. Raises SampleError naming ``origin`` if the image cannot be decoded
+    or has more than ``max_pixels`` pixels (checked from its header, before decoding).
+    """
+    try:
+        decode(data, max_pixels=max_pixels)  # the same rule the replay applies: what passes here decodes there
+        with Image.open(io.BytesIO(data)) as im:
+            ext = _KEPT_FORMATS.get(im.format)
+            if ext is not None:
+                return data, ext
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode not in _PNG_MODES:
+                im = to_rgb(im)
+            out = io.BytesIO()
+            im.save(out, format="PNG")
+            return out.getvalue(), "png"
+    except Exception as exn:
+        raise SampleError(f"{origin}: cannot decode image: {exn}", path=origin) from exn
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """Lossless PNG bytes of a PIL image (used for array sources such as Fashion-MNIST)."""
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 # --------------------------------------------------------------------------- fingerprint inputs

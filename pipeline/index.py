@@ -45,8 +45,9 @@ from typing import Callable, Iterable, Sequence
 
 from pipeline import urls
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode
-from pipeline.shards import (Manifest, SampleError, ShardError, ShardInfo, load_manifest, manifest_dict,
-                             parse_sample, read_tar, write_manifest)
+from pipeline.errors import SampleError, ShardError
+from pipeline.manifest import Manifest, ShardInfo, load_manifest, manifest_dict, write_manifest
+from pipeline.shards import parse_sample, read_tar
 
 
 @dataclass

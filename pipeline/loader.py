@@ -27,9 +27,10 @@ from typing import Callable, Iterator
 import torch
 
 from pipeline.plan import AugConfig, mix_pairs
-from pipeline.replay import collate, replay_row
+from pipeline.replay import ReplayRequest, collate, replay_row
 from pipeline.schedule import RankOrder, Schedule, epoch_cut
-from pipeline.shards import Manifest, read_shard
+from pipeline.manifest import Manifest
+from pipeline.shards import read_shard
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,10 @@ class _Lane(torch.utils.data.IterableDataset):
             items, records = [], []
             for i in ix.tolist():
                 s, a, view, part = int(rows.shard[i]), int(rows.sample[i]), int(rows.view[i]), int(rows.part[i])
-                item = replay_row(samples_of(s), self.manifest.shards[s], self.aug, seed, rows.epoch, view,
-                                  a, partner(s, a, view, part), cfg.out_size, self.manifest.num_classes,
-                                  decoded, cfg.extra_size)
+                request = ReplayRequest(self.aug, seed, rows.epoch, view, cfg.out_size, self.manifest.num_classes,
+                                        cfg.extra_size)
+                item = replay_row(request, samples_of(s), self.manifest.shards[s], a, partner(s, a, view, part),
+                                  decoded)
                 (records if isinstance(item, dict) else items).append(item)
             yield (collate(items) if items else None), records
 

@@ -15,7 +15,7 @@ Examples::
     python -m pipeline.make_shards index 's3://bucket/imagenet/train-{000000..001281}.tar' \
         --out /data/imagenet-manifests/train --classes synsets.txt [--skip-bad]
 
-Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/manifest.json (see pipeline/shards.py);
+Output: OUT/<split>/<split>-000000.tar ... and OUT/<split>/manifest.json (see pipeline/manifest.py);
 OUT may be a local folder or any fsspec URL (s3://bucket/imagenet-wds). ``index`` writes
 MANIFEST_DIR/manifest.json only (see pipeline/index.py for the layouts it reads).
 Class index = position in sorted class-folder names of the train folder (or in --classes; a
@@ -52,8 +52,10 @@ from pipeline.cli import add_debug_flag, plural, run_cli
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.index import __doc__ as index_doc
 from pipeline.index import default_workers, index_shards, padding
-from pipeline.shards import (MANIFEST_NAME, SourceSample, class_mix_warning, encode_png, load_manifest,
-                             sanitize_key, write_shards)
+from pipeline.classmix import class_mix_warning
+from pipeline.decode import encode_png
+from pipeline.manifest import MANIFEST_NAME, load_manifest
+from pipeline.writer import SourceSample, sanitize_key, write_shards
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -16,7 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.plan import AugConfig, AugParams, augment, sample_params
-from pipeline.shards import RawSample, SampleError, decode_image
+from pipeline.decode import decode_image
+from pipeline.errors import SampleError
+from pipeline.shards import RawSample
 
 
 @dataclass

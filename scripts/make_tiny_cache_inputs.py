@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline.make_shards import FMNIST_CLASSES, fmnist_samples, load_fmnist  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
+from pipeline.writer import write_shards  # noqa: E402
 from teacher.model import TeacherConfig, create_model  # noqa: E402
 
 TINY_TEACHER = {"name": "regnety_002", "num_classes": 10, "input_size": 32, "stem_stride": 1,

@@ -112,7 +112,7 @@ ray submit "$work/cluster.yaml" teacher/cache.py --config "$work/tiny.yaml" --no
 python - "$work" <<'PY'
 import sys, yaml
 from teacher.cache import CacheJobConfig
-from pipeline.shards import load_manifest
+from pipeline.manifest import load_manifest
 from storage import open_cache
 work = sys.argv[1]
 cfg = CacheJobConfig.from_dict(yaml.safe_load(open(f"{work}/tiny.yaml")))

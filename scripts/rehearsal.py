@@ -87,7 +87,9 @@ def batch_stats(train_cfg, epochs: int) -> dict:
     many distinct samples as the batch holds: a batch holds a sample's views together (repeated
     augmentation in one step, as DeiT's RASampler), so about B/3 samples.
     """
-    from pipeline.shards import expected_distinct, iter_samples, load_manifest
+    from pipeline.classmix import expected_distinct
+    from pipeline.manifest import load_manifest
+    from pipeline.shards import iter_samples
     from student.data import TrainData, open_checked_cache
 
     cfg = train_cfg.replace(data=train_cfg.data.replace(img_size=32))
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
         out / "audit.log")
 
     from pipeline.config import load_config
-    from pipeline.shards import load_manifest
+    from pipeline.manifest import load_manifest
     from student.config import TrainConfig
 
     manifest = load_manifest(train_split)

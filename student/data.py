@@ -21,7 +21,7 @@ import torch
 from pipeline.loader import LoaderConfig, ReplayLoader, split_loader
 from pipeline.plan import AugConfig, fingerprint
 from pipeline.schedule import Schedule
-from pipeline.shards import Manifest, load_manifest
+from pipeline.manifest import Manifest, load_manifest
 from storage import CacheCorruptError, CacheMismatchError, CacheNotReady, CacheReader, EpochNotInCache, open_cache
 from student.config import TrainConfig
 from teacher.job import checkpoint_sha256

@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from pipeline.shards import load_manifest
+from pipeline.manifest import load_manifest
 from student.config import TrainConfig
 from pipeline.plan import AugConfig
 from student.data import ReplayPlan, make_schedule, open_checked_cache, resolve_plan, steps_per_epoch

@@ -58,9 +58,10 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
 
     from teacher.job import make_teacher
     from teacher.model import weights_source
-    from pipeline.replay import replay_items
+    from pipeline.replay import ReplayRequest, replay_items
     from pipeline.schedule import epoch_cut, shard_pairs
-    from pipeline.shards import load_manifest, read_shard
+    from pipeline.manifest import load_manifest
+    from pipeline.shards import read_shard
     from storage import CacheMismatchError, open_cache
 
     reader = open_cache(cache)
@@ -98,8 +99,8 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
             shard = manifest.shards[s]
             raw = shard_cache.setdefault(s, read_shard(manifest, shard))
             pairs = [p for p in shard_pairs(cut, view, shard) if p[0] in sids]
-            for item in replay_items(raw, shard, cfg.aug, cfg.seed, epoch, view, cfg.teacher.input_size,
-                                     cfg.teacher.num_classes, pairs, skipped=[]):
+            request = ReplayRequest(cfg.aug, cfg.seed, epoch, view, cfg.teacher.input_size, cfg.teacher.num_classes)
+            for item in replay_items(request, raw, shard, pairs, skipped=[]):
                 if item.sample_id in sids:
                     images.append(item.image)
                     ids.append(item.sample_id)

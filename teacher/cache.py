@@ -90,7 +90,7 @@ class TeacherWorker:
         import torch
 
         from teacher.pool import use_ray_cpus
-        from pipeline.shards import load_manifest
+        from pipeline.manifest import load_manifest
 
         use_ray_cpus()  # torch threads = the actor's num_cpus, whatever OMP_NUM_THREADS says
         self.cfg = CacheJobConfig.from_dict(cfg_dict)
@@ -393,7 +393,8 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     Raises CacheJobError (after finishing all other items and writing the summary) when
     some items failed for good.
     """
-    from pipeline.shards import class_mix_warning, load_manifest
+    from pipeline.classmix import class_mix_warning
+    from pipeline.manifest import load_manifest
 
     cfg = absolute_paths(cfg)
     manifest = load_manifest(cfg.shards)

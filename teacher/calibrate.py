@@ -18,9 +18,10 @@ def calibration_logits(cfg, manifest, teacher, rows: int) -> np.ndarray:
 
     An unreadable shard is passed over: its work items report it, naming the shard.
     """
-    from pipeline.replay import replay_items
+    from pipeline.replay import ReplayRequest, replay_items
     from pipeline.schedule import epoch_cut, shard_pairs
-    from pipeline.shards import ShardError, read_shard
+    from pipeline.errors import ShardError
+    from pipeline.shards import read_shard
 
     cut = epoch_cut(cfg.seed, 0, cfg.views)
     images: list[torch.Tensor] = []
@@ -31,8 +32,8 @@ def calibration_logits(cfg, manifest, teacher, rows: int) -> np.ndarray:
             continue
         decoded: dict = {}
         for view in range(cfg.views):
-            for item in replay_items(raw, shard, cfg.aug, cfg.seed, 0, view, teacher.cfg.input_size,
-                                     cfg.teacher.num_classes, shard_pairs(cut, view, shard), skipped=[],
+            request = ReplayRequest(cfg.aug, cfg.seed, 0, view, teacher.cfg.input_size, cfg.teacher.num_classes)
+            for item in replay_items(request, raw, shard, shard_pairs(cut, view, shard), skipped=[],
                                      decoded=decoded):
                 images.append(item.image)
                 if len(images) >= rows:

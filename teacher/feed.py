@@ -30,9 +30,11 @@ import torch
 from pipeline.plan import finish
 from teacher.pool import make_pool
 from pipeline.premix import Premix, premix
-from pipeline.replay import replay_items
+from pipeline.replay import ReplayRequest, replay_items
 from pipeline.schedule import epoch_cut, shard_pairs
-from pipeline.shards import SampleError, ShardInfo, read_shard
+from pipeline.errors import SampleError
+from pipeline.manifest import ShardInfo
+from pipeline.shards import read_shard
 
 GROUP_SAMPLES = 8  # samples per worker task: ~24 images at 3 views, tens of ms of work
 AHEAD = 2          # finished batches ready per item
@@ -309,8 +311,8 @@ class ItemFeed:
         buf, ids, views = None, [], []
         try:
             for view in range(cfg.views):
-                for row in replay_items(samples, item.shard, cfg.aug, cfg.seed, item.epoch, view, self.out_size,
-                                        self.manifest.num_classes, skipped=item.skipped, pairs=item.pairs[view],
+                request = ReplayRequest(cfg.aug, cfg.seed, item.epoch, view, self.out_size, self.manifest.num_classes)
+                for row in replay_items(request, samples, item.shard, item.pairs[view], skipped=item.skipped,
                                         premixed=partial(self._finished, item, view)):
                     if buf is None:
                         buf = self._buffers.take((size, *row.image.shape), self._stop)

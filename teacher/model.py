@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigBase, check
-from pipeline.shards import file_sha256  # noqa: F401  (also re-exported: cache attrs use it)
+from pipeline.urls import file_sha256  # noqa: F401  (also re-exported: cache attrs use it)
 from teacher.device import AMP_MODES as _AMP
 from teacher.device import autocast_dtype, channels_last, non_blocking
 from teacher.weights import WeightsError, create_pretrained, weights_sha256

@@ -82,7 +82,7 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 def weights_sha256(model: nn.Module) -> str:
     """Identity of the pretrained weights ``model`` was built with (see the module docstring)."""
-    from pipeline.shards import file_sha256
+    from pipeline.urls import file_sha256
 
     file = pretrained_file(model.pretrained_cfg)
     return file_sha256(file) if file else state_dict_sha256(model.state_dict())

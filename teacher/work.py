@@ -170,7 +170,7 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
     """
     from teacher.calibrate import calibrate_tail
     from teacher.job import cache_attrs, make_teacher, open_writer
-    from pipeline.shards import load_manifest
+    from pipeline.manifest import load_manifest
 
     t0 = time.perf_counter()
     manifest = manifest if manifest is not None else load_manifest(cfg.shards)

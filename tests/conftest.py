@@ -26,6 +26,8 @@ from PIL import Image
 
 from fmnist import require_fmnist
 from hygiene import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (hooks: no side effects)
+from pipeline import urls
+from pipeline.errors import ShardError
 
 _RAY_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
 _ray_saved: dict[str, str | None] = {}
@@ -70,6 +72,22 @@ def build_imagefolder(root, classes=("cat", "dog", "eel"), per_class=4, size=(24
     return root
 
 
+def verify_manifest(m) -> None:
+    """Check every shard's byte size and sha256 (one read each); raise ShardError naming the first bad shard."""
+    for s in m.shards:
+        p = m.url(s)
+        try:
+            with urls.open_read(p) as f:
+                reader = urls.HashingReader(f)
+                reader.drain()
+        except FileNotFoundError:
+            raise ShardError(f"shard {s.name}: missing file {p}") from None
+        if reader.bytes != s.bytes:
+            raise ShardError(f"shard {s.name}: size expected {s.bytes} bytes, found {reader.bytes} ({p})")
+        if reader.hexdigest() != s.sha256:
+            raise ShardError(f"shard {s.name}: sha256 expected {s.sha256}, found {reader.hexdigest()} ({p})")
+
+
 @pytest.fixture
 def make_imagefolder():
     """Builder ``make_imagefolder(root, classes=..., per_class=..., size=(w, h), seed=...) -> root``."""
@@ -93,7 +111,7 @@ def rgb_shards(tmp_path_factory) -> Path:
     """Dataset root with a ``train`` split of 3 classes x 7 images (JPEG+PNG, RGB), shard_size 8
     (shards of 8, 8, 5 samples)."""
     from pipeline.make_shards import imagefolder_samples, scan_imagefolder
-    from pipeline.shards import write_shards
+    from pipeline.writer import write_shards
 
     base = tmp_path_factory.mktemp("rgb")
     src = build_imagefolder(base / "src" / "train", per_class=7)

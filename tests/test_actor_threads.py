@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from teacher.job import CacheJobConfig, cache_attrs  # noqa: E402
-from pipeline.shards import load_manifest  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
 
 SIMULATED = dict(callable="bench.simulated:sleeping_net", num_classes=10, input_size=32, amp="none",
                  channels_last=False, model_kwargs={"images_per_s": 1e6, "num_classes": 10})

@@ -25,7 +25,7 @@ ray = pytest.importorskip("ray")
 
 from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
 from teacher.calibrate import calibrate_tail  # noqa: E402
-from pipeline.shards import load_manifest  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
 from teacher.work import run_item  # noqa: E402
 from storage import open_cache  # noqa: E402
 from test_cache_job import TINY_TEACHER, make_cfg, teacher_ckpt  # noqa: E402,F401  (the module's tiny teacher)

@@ -23,7 +23,8 @@ ray = pytest.importorskip("ray")
 from hygiene import wait_session_gone  # noqa: E402
 from teacher.audit import audit  # noqa: E402
 from teacher.cache import CacheJobConfig, CacheJobError, run_job  # noqa: E402
-from pipeline.shards import ShardError, load_manifest  # noqa: E402
+from pipeline.errors import ShardError  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
 from teacher.work import run_item  # noqa: E402
 from teacher.model import TeacherConfig, create_model  # noqa: E402
 from storage.encoding import max_abs_dlogprob, max_abs_dp  # noqa: E402
@@ -288,7 +289,8 @@ def test_efficientnet_lite0_chelsea_is_egyptian_cat(ray_session, tmp_path):
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    from pipeline.shards import SourceSample, encode_png, write_shards
+    from pipeline.decode import encode_png
+    from pipeline.writer import SourceSample, write_shards
     from storage import open_cache
     from teacher.efficientnet_lite import lite0_teacher_config
 

@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 from teacher.cache import (CacheJobConfig, HINTS, PROG, cache_attrs, main, make_teacher,  # noqa: E402
                             open_writer, run_job)
 from pipeline.cli import run_cli  # noqa: E402
-from pipeline.shards import load_manifest  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
 from teacher.work import run_item  # noqa: E402
 from storage import open_cache  # noqa: E402
 from teacher.model import TeacherConfig, create_model  # noqa: E402

@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 
 from teacher.audit import audit  # noqa: E402
 from teacher.cache import CacheJobConfig, run_job  # noqa: E402
-from pipeline.shards import load_manifest  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
 from hygiene import wait_session_gone  # noqa: E402
 from servers import new_bucket  # noqa: E402
 from storage import open_cache  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from teacher.cache import cache_attrs, make_teacher, open_writer
-from pipeline.shards import load_manifest
+from pipeline.manifest import load_manifest
 from teacher.work import run_item
 from storage import wait_for_cache
 from student.loop import LoopParts, LoopState, Precision, StepConfig, train_epoch

@@ -11,8 +11,10 @@ from pipeline.loader import LoaderConfig, ReplayLoader
 from pipeline.make_shards import main as make_shards_main
 from pipeline.plan import AugConfig
 from pipeline.schedule import Schedule
-from pipeline import shards
-from pipeline.shards import class_mix, class_mix_warning, iter_samples, load_manifest
+from pipeline import classmix
+from pipeline.classmix import class_mix, class_mix_warning
+from pipeline.manifest import load_manifest
+from pipeline.shards import iter_samples
 
 C, PER_CLASS, SHARD, BATCH, VIEWS = 20, 12, 32, 16, 3
 AUG = AugConfig(auto_augment=None, re_prob=0.0)   # mixing on; cheap pixels
@@ -53,7 +55,7 @@ def batch_stats(split, num_workers: int, rank: int = 0, world_size: int = 1) -> 
         rows = Counter(label[int(a)] for ix in order.steps for a in order.rows.sample[ix])
         for b in ReplayLoader(m, AUG, 0, order, cfg):
             distinct.append(len(set(b["label"].tolist())))
-            uniform.append(shards.expected_distinct(list(rows.values()), len(set(b["sample_id"].tolist()))))
+            uniform.append(classmix.expected_distinct(list(rows.values()), len(set(b["sample_id"].tolist()))))
     return sum(distinct) / len(distinct), sum(uniform) / len(uniform), len(distinct)
 
 

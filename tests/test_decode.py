@@ -12,7 +12,9 @@ from PIL import Image, ImageFile
 
 import pipeline.decode as D
 from pipeline.plan import AugConfig, fingerprint
-from pipeline.shards import RawSample, SampleError, decode_image, encode_for_shard
+from pipeline.decode import decode_image, encode_for_shard
+from pipeline.errors import SampleError
+from pipeline.shards import RawSample
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -170,7 +172,7 @@ def test_make_shards_and_index_record_an_oversized_image_as_bad(tmp_path, make_i
     import sys
 
     from pipeline.index import index_shards
-    from pipeline.shards import load_manifest
+    from pipeline.manifest import load_manifest
 
     src = make_imagefolder(tmp_path / "src")
     huge = src / "dog" / "huge.png"

@@ -104,7 +104,7 @@ def test_teacher_bf16_on_cuda_agrees_with_fp32():
 def test_feed_batches_are_pinned_for_a_cuda_teacher(fmnist_shards, tmp_path):
     from teacher.feed import ItemFeed
     from teacher.job import CacheJobConfig
-    from pipeline.shards import load_manifest
+    from pipeline.manifest import load_manifest
 
     cfg = CacheJobConfig.from_dict(dict(shards=str(fmnist_shards / "train"), out=str(tmp_path / "c.zarr"),
                                         views=2, k=5, batch_size=32, num_workers=1,

@@ -10,7 +10,7 @@ import pytest
 
 from teacher.cache import CacheJobConfig, cache_attrs, open_writer
 from pipeline.config import load_config
-from pipeline.shards import ShardInfo, load_manifest, manifest_dict
+from pipeline.manifest import ShardInfo, load_manifest, manifest_dict
 from student.train import main
 
 REPO = Path(__file__).resolve().parents[1]

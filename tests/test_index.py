@@ -27,7 +27,10 @@ from teacher.cache import CacheJobConfig, run_job  # noqa: E402
 from pipeline.index import index_shards  # noqa: E402
 from fmnist import FMNIST_DIR, require_fmnist  # noqa: E402
 from pipeline.make_shards import FMNIST_CLASSES, load_fmnist  # noqa: E402
-from pipeline.shards import SampleError, class_mix_warning, iter_samples, load_manifest  # noqa: E402
+from pipeline.classmix import class_mix_warning  # noqa: E402
+from pipeline.errors import SampleError  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.shards import iter_samples  # noqa: E402
 from storage import open_cache  # noqa: E402
 from student.data import TrainData, open_checked_cache  # noqa: E402
 from student.train import train  # noqa: E402

@@ -14,7 +14,7 @@ from torchvision import transforms
 
 from pipeline.config import ConfigError, load_config
 from pipeline.plan import AugConfig, augment, fingerprint, sample_params
-from pipeline.shards import load_manifest
+from pipeline.manifest import load_manifest
 from student.config import TrainConfig
 from student.data import TrainData, make_val_loader, resolve_plan
 from student.loop import precision_choice, resolve_precision

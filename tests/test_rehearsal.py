@@ -34,7 +34,9 @@ def test_quick_rehearsal_passes_every_check(tmp_path, s3_endpoint):
     assert [Path(p).name for p in result["skipped_by_make_shards"]] == ["odd_truncated.JPEG"]
     assert result["rows_per_student_epoch"] == [result["images"]] * 3
     # the odd files went in decoded the plan's way: the EXIF-rotated one lies upright in the shards
-    from pipeline.shards import decode_image, iter_samples, load_manifest
+    from pipeline.decode import decode_image
+    from pipeline.manifest import load_manifest
+    from pipeline.shards import iter_samples
 
     odd = {s.key: s for s in iter_samples(load_manifest(f"{data}/train")) if s.key.startswith("odd_")}
     assert sorted(odd) == ["odd_cmyk", "odd_exif_rotated", "odd_grayscale", "odd_palette_alpha", "odd_png16"]

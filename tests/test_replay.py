@@ -16,9 +16,11 @@ import torch
 
 from pipeline.loader import LoaderConfig, ReplayLoader
 from pipeline.plan import AugConfig
-from pipeline.replay import replay_items
+from pipeline.replay import ReplayRequest, replay_items
 from pipeline.schedule import Schedule, epoch_cut, shard_pairs
-from pipeline.shards import ShardError, load_manifest, read_shard
+from pipeline.errors import ShardError
+from pipeline.manifest import load_manifest
+from pipeline.shards import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = AugConfig()  # DeiT defaults: RandAugment, erasing, Mixup/CutMix on
@@ -89,7 +91,7 @@ def test_pixels_independent_of_workers_batch_interleave_sampler_process(rgb_shar
     cut = epoch_cut(SEED, 2, VIEWS)
     for view in range(VIEWS):
         for s in m.shards:
-            for it in replay_items(read_shard(m, s), s, CFG, SEED, 2, view, OUT, m.num_classes,
+            for it in replay_items(ReplayRequest(CFG, SEED, 2, view, OUT, m.num_classes), read_shard(m, s), s,
                                    shard_pairs(cut, view, s)):
                 h = hashlib.sha256(it.image.numpy().tobytes() + it.target.numpy().tobytes()).hexdigest()
                 direct[(2, it.sample_id, view)] = h

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.plan import mix_pairs
 from pipeline.schedule import Schedule, epoch_cut, shard_pairs
-from pipeline.shards import ShardInfo
+from pipeline.manifest import ShardInfo
 
 SEED = 5
 

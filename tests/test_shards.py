@@ -13,17 +13,12 @@ import pytest
 
 from fmnist import FMNIST_DIR
 from pipeline.make_shards import FMNIST_CLASSES, load_fmnist, main as make_shards_main
-from pipeline.shards import (
-    SampleError,
-    shuffled,
-    ShardError,
-    ShardInfo,
-    decode_image,
-    iter_samples,
-    load_manifest,
-    read_shard,
-    verify_manifest,
-)
+from conftest import verify_manifest
+from pipeline.decode import decode_image
+from pipeline.errors import SampleError, ShardError
+from pipeline.manifest import ShardInfo, load_manifest
+from pipeline.shards import iter_samples, read_shard
+from pipeline.writer import shuffled
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import torch
 from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer
 from pipeline.config import load_config
 from pipeline.plan import AugConfig
-from pipeline.shards import load_manifest
+from pipeline.manifest import load_manifest
 from teacher.work import run_item
 from teacher.model import TeacherConfig, create_model
 from storage import CacheMismatchError, CacheNotReady

@@ -27,7 +27,7 @@ import torch
 from teacher.cache import cache_attrs, make_teacher, open_writer
 from pipeline.loader import LoaderConfig, split_loader
 from pipeline.plan import AugConfig
-from pipeline.shards import load_manifest
+from pipeline.manifest import load_manifest
 from teacher.work import run_item
 from student.checkpoint import load_checkpoint
 from student.train import main, train

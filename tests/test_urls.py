@@ -22,7 +22,10 @@ from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer
 from pipeline.index import index_shards
 from pipeline.loader import LoaderConfig, ReplayLoader
 from pipeline.schedule import Schedule
-from pipeline.shards import ShardError, iter_samples, load_manifest, read_shard, verify_manifest
+from conftest import verify_manifest
+from pipeline.errors import ShardError
+from pipeline.manifest import load_manifest
+from pipeline.shards import iter_samples, read_shard
 from teacher.work import run_item
 from servers import http_server, new_bucket
 from storage import open_cache
