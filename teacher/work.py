@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from teacher.feed import ItemFeed
+from teacher.fidelity import item_record
 from teacher.device import pin_memory
 
 
@@ -65,9 +66,10 @@ class Scored:
 
 
 class RowEncoder:
-    """Encodes each scored batch for storage (``CacheWriter.encode``, and the fidelity record of the
-    item's first rows) on a background thread while the teacher scores the next batch, so the
-    write at the item's end is only the chunk writes: the teacher idles less between items.
+    """Encodes each scored batch for storage (``CacheWriter.encode``, and measures the fidelity record
+    of the item's first rows, ``teacher.fidelity.item_record``) on a background thread while the
+    teacher scores the next batch, so the write at the item's end is only the chunk writes: the
+    teacher idles less between items.
     Batches are encoded row for row as given, so the stored values are those of encoding the
     whole item at once."""
 
@@ -88,14 +90,14 @@ class RowEncoder:
             self._first.append(logits[:self.need])
             self.need -= len(self._first[-1])
             if self.need == 0:
-                self._fidelity = self._pool.submit(self.writer.fidelity, np.concatenate(self._first))
+                self._fidelity = self._pool.submit(item_record, self.writer, np.concatenate(self._first))
 
     def result(self):
         """(EncodedRows of every row added, fidelity record): ``write_item``'s ``encoded``."""
         from storage.cache import EncodedRows
 
         if self._fidelity is None and self._first:  # fewer rows than FIDELITY_ROWS in the item
-            self._fidelity = self._pool.submit(self.writer.fidelity, np.concatenate(self._first))
+            self._fidelity = self._pool.submit(item_record, self.writer, np.concatenate(self._first))
         parts = [f.result() for f in self._parts]
         if not parts:
             return self.writer.encode(np.zeros((0, self.writer.k), np.float32), np.zeros((0, self.writer.k), np.int64),
