@@ -123,7 +123,7 @@ def teacher_rows(rows_per_split: int, seed: int = 0, fmnist: int = 1000, batch: 
     import torch
 
     from pipeline.plan import AugConfig, apply, mix, sample_params
-    from teacher import build_teacher
+    from teacher.model import build_teacher
     from teacher.efficientnet_lite import lite0_teacher_config
 
     plist = photos(fmnist)

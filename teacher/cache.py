@@ -47,24 +47,15 @@ import dataclasses
 import json
 import time
 from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pipeline.cli import add_debug_flag, plural
 from pipeline.config import load_config
-from teacher.job import (  # noqa: F401  (the job's config and provenance, re-exported)
-    CacheJobConfig,
-    absolute_paths,
-    cache_attrs,
-    check_manifest,
-    checkpoint_sha256,
-    make_teacher,
-    open_writer,
-    package_version,
-    resume_attrs,
-)
+from teacher.job import (CacheJobConfig, absolute_paths, cache_attrs, check_manifest, make_teacher, open_writer,
+                         resume_attrs)
 from teacher.feed import ItemFeed
-from teacher.pool import BrokenProcessPool
 from teacher.work import run_item
 from teacher.device import pin_memory
 

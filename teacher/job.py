@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pipeline import urls
 from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig, fingerprint
-from teacher.model import TeacherConfig, build_teacher, file_sha256
+from pipeline.urls import file_sha256
+from teacher.model import TeacherConfig, build_teacher
 from teacher.weights import pretrained_cfg, pretrained_file, resolved_tag
 from storage.tail import TailConfig
 

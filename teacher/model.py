@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from pipeline.config import ConfigBase, check
-from pipeline.shards import file_sha256  # noqa: F401  (also re-exported: cache attrs use it)
+from pipeline.urls import file_sha256
 from teacher.device import AMP_MODES as _AMP
 from teacher.device import autocast_dtype, channels_last, non_blocking
-from teacher.weights import WeightsError, create_pretrained, weights_sha256
+from teacher.weights import create_pretrained, weights_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -310,7 +310,7 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", *, k: 
         TeacherLoadError: unknown model, missing checkpoint file, or a state dict whose keys or
             shapes do not match (the message lists the missing / unexpected keys); pretrained
             weights of another class count or normalization.
-        WeightsError: timm's pretrained weights cannot be had (offline and not cached) or do not fit.
+        teacher.weights.WeightsError: timm's pretrained weights cannot be had (offline and not cached) or do not fit.
     """
     model = create_model(cfg)
     if cfg.checkpoint:
@@ -339,5 +339,5 @@ def describe(teacher: Teacher) -> dict:
     return {**teacher.cfg.to_dict(), "checkpoint_sha256": teacher.checkpoint_sha256}
 
 
-__all__ = ["TeacherConfig", "TeacherOutput", "Teacher", "TeacherLoadError", "WeightsError", "build_teacher",
-           "unwrap_state_dict", "load_weights", "file_sha256", "set_stem_stride", "describe", "weights_source"]
+__all__ = ["TeacherConfig", "TeacherOutput", "Teacher", "TeacherLoadError", "build_teacher", "unwrap_state_dict",
+           "load_weights", "set_stem_stride", "describe", "weights_source"]

@@ -24,9 +24,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable
 
-from concurrent.futures.process import BrokenProcessPool
-
-__all__ = ["BrokenProcessPool", "InlinePool", "ProcessPool", "RayPool", "make_pool", "use_ray_cpus"]
+__all__ = ["InlinePool", "ProcessPool", "RayPool", "make_pool", "use_ray_cpus"]
 
 
 def use_ray_cpus() -> int | None:

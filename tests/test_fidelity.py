@@ -36,7 +36,7 @@ def real_rows():
     from PIL import Image
 
     from pipeline.plan import AugConfig, apply, mix, sample_params
-    from teacher import build_teacher
+    from teacher.model import build_teacher
     from teacher.efficientnet_lite import lite0_teacher_config
 
     cfg = AugConfig()
