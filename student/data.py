@@ -86,7 +86,7 @@ def open_checked_cache(cfg: TrainConfig, manifest: Manifest) -> tuple[CacheReade
     if cfg.teacher.k is not None and cfg.teacher.mode == "cached":
         expect["k"] = cfg.teacher.k
     if cfg.teacher.model is not None and cfg.teacher.mode == "cached":
-        from teacher.job import checkpoint_sha256  # loads hub weights only to hash them
+        from teacher.model import checkpoint_sha256  # loads hub weights only to hash them
 
         expect["checkpoint_sha256"] = checkpoint_sha256(cfg.teacher.model)
     reader = open_cache(cfg.cache.path, expect=expect)

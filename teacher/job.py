@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pipeline import urls
 from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig, fingerprint
-from pipeline.urls import file_sha256
-from teacher.model import TeacherConfig, build_teacher
-from teacher.weights import pretrained_cfg, pretrained_file, resolved_tag
+from teacher.model import TeacherConfig, build_teacher, checkpoint_sha256
+from teacher.weights import resolved_tag
 from storage.tail import TailConfig
 
 REPLAY_PLACES = ("local", "ray")
@@ -72,17 +71,6 @@ class CacheJobConfig(ConfigBase):
 
 # Job settings that do not change the stored rows: a resume may use other values.
 RUNTIME_FIELDS = ("batch_size", "num_workers", "replay", "actors", "max_retries", "out")
-
-
-def checkpoint_sha256(t: TeacherConfig) -> str:
-    """Same value as ``Teacher.checkpoint_sha256``; builds the model only for timm pretrained
-    weights that are no local file (hub weights: their identity is the loaded state dict's hash)."""
-    if t.checkpoint:
-        return file_sha256(t.checkpoint)
-    if t.pretrained:
-        file = pretrained_file(pretrained_cfg(t.name, t.pretrained_cfg_overlay))
-        return file_sha256(file) if file else build_teacher(t).checkpoint_sha256
-    return f"callable:{t.callable}" if t.callable else "random"
 
 
 def teacher_id(t: TeacherConfig) -> str:

@@ -16,7 +16,6 @@ cache writer takes the exact tail mass, the tail code and its fidelity figures.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,11 +23,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pipeline.config import ConfigBase, check
+from pipeline.config import ConfigBase, check, resolve_callable
 from pipeline.urls import file_sha256
 from teacher.device import AMP_MODES as _AMP
 from teacher.device import autocast_dtype, channels_last, non_blocking
-from teacher.weights import create_pretrained, weights_sha256
+from teacher.weights import create_pretrained, pretrained_cfg, pretrained_file, weights_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,9 +162,8 @@ def load_weights(model: nn.Module, path: str, model_name: str) -> None:
 
 
 def _resolve_callable(spec: str) -> Callable[..., nn.Module]:
-    module, _, fn = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module), fn)
+        return resolve_callable(spec)
     except (ImportError, AttributeError) as e:
         raise TeacherLoadError(f"teacher callable {spec!r} cannot be imported: {e}") from e
 
@@ -315,13 +313,30 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", *, k: 
     model = create_model(cfg)
     if cfg.checkpoint:
         load_weights(model, cfg.checkpoint, cfg.callable or cfg.name)
-        sha = file_sha256(cfg.checkpoint)
-    elif cfg.pretrained:
-        sha = weights_sha256(model)
-    else:
-        sha = f"callable:{cfg.callable}" if cfg.callable else "random"
     return Teacher(model, cfg, device=device, k=k, input_mean=input_mean, input_std=input_std,
-                   checkpoint_sha256=sha)
+                   checkpoint_sha256=checkpoint_sha256(cfg, model))
+
+
+def checkpoint_sha256(cfg: TeacherConfig, model: nn.Module | None = None) -> str:
+    """The identity of the teacher's weights (``Teacher.checkpoint_sha256``, the cache attr a student's
+    guard compares): the sha256 of ``cfg.checkpoint``; for timm pretrained weights that of the file
+    timm reads, or ``state_dict:<sha256>`` of hub weights (teacher/weights.py);
+    ``"callable:<module:fn>"`` for a callable that supplies its own weights; ``"random"`` else.
+
+    Args:
+        model: the model built from ``cfg``, when at hand; without it, hub weights are loaded
+            only to hash them.
+    """
+    if cfg.checkpoint:
+        return file_sha256(cfg.checkpoint)
+    if cfg.pretrained:
+        if model is None:
+            file = pretrained_file(pretrained_cfg(cfg.name, cfg.pretrained_cfg_overlay))
+            if file:
+                return file_sha256(file)
+            model = create_model(cfg)
+        return weights_sha256(model)
+    return f"callable:{cfg.callable}" if cfg.callable else "random"
 
 
 def weights_source(cfg: TeacherConfig) -> str:
@@ -340,4 +355,4 @@ def describe(teacher: Teacher) -> dict:
 
 
 __all__ = ["TeacherConfig", "TeacherOutput", "Teacher", "TeacherLoadError", "build_teacher", "unwrap_state_dict",
-           "load_weights", "set_stem_stride", "describe", "weights_source"]
+           "load_weights", "set_stem_stride", "describe", "weights_source", "checkpoint_sha256"]
