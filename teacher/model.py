@@ -27,6 +27,7 @@ from pipeline.config import ConfigBase, check, resolve_callable
 from pipeline.urls import file_sha256
 from teacher.device import AMP_MODES as _AMP
 from teacher.device import autocast_dtype, channels_last, non_blocking
+from teacher.lukemelas import convert_state_dict, is_lukemelas_state_dict
 from teacher.weights import create_pretrained, pretrained_cfg, pretrained_file, weights_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -121,10 +122,8 @@ def unwrap_state_dict(obj: Any, path: str = "<checkpoint>") -> dict[str, torch.T
         raise TeacherLoadError(f"{path}: expected a state dict, found {type(obj).__name__}")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    from teacher import efficientnet_lite
-
-    if efficientnet_lite.is_lukemelas_state_dict(obj):
-        obj = efficientnet_lite.convert_state_dict(obj)
+    if is_lukemelas_state_dict(obj):
+        obj = convert_state_dict(obj)
     return obj
 
 
