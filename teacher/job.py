@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib.metadata import version
 
 from pipeline import urls
 from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig, fingerprint
 from teacher.model import TeacherConfig, build_teacher, checkpoint_sha256
 from teacher.weights import resolved_tag
+from storage import CacheMismatchError, create_cache, open_cache
 from storage.tail import TailConfig
 
 REPLAY_PLACES = ("local", "ray")
@@ -83,8 +85,6 @@ def teacher_id(t: TeacherConfig) -> str:
 
 def package_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("kdcache")
     except Exception:  # running from a bare checkout
         return "unknown"
@@ -143,8 +143,6 @@ def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
     field the stored job config lacks (added by a later kdcache, e.g. ``teacher.pretrained``) is
     left out while it holds its default: there it changes nothing, so the cache resumes.
     """
-    from storage import CacheMismatchError, open_cache
-
     try:
         stored = open_cache(cfg.out).attrs
     except (FileNotFoundError, KeyError, CacheMismatchError):
@@ -173,8 +171,6 @@ def _drop_added_defaults(mine: dict, theirs: dict, defaults: dict) -> None:
 
 def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
     """Create the cache, or reopen it for a resume (storage checks attrs are identical)."""
-    from storage import create_cache
-
     return create_cache(
         cfg.out, shards=manifest.shards, epochs=cfg.epochs, views=cfg.views, k=cfg.k,
         num_classes=cfg.teacher.num_classes, attrs=attrs, tail_dim=cfg.tail.dim,

@@ -20,6 +20,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import timm
 import torch
 from torch import nn
 
@@ -97,7 +98,7 @@ class TeacherOutput:
 
 def _open(path: str):
     if "://" in path:
-        import fsspec
+        import fsspec  # optional: only a checkpoint at a URL needs it
 
         return fsspec.open(path, "rb").open()
     return open(path, "rb")
@@ -190,8 +191,6 @@ def create_model(cfg: TeacherConfig) -> nn.Module:
                                   **cfg.model_kwargs)
         check_pretrained_cfg(cfg, model.pretrained_cfg)
     else:
-        import timm
-
         try:
             model = timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes, **cfg.model_kwargs)
         except RuntimeError as e:
