@@ -70,7 +70,7 @@ def make_inputs(work: Path, samples: int, shard_size: int = 256) -> tuple[str, s
 
 
 def job_config(shards: str, ckpt: str, out: str, **kw):
-    from teacher.cache import CacheJobConfig
+    from teacher.job import CacheJobConfig
 
     d = dict(shards=shards, out=out, epochs=1, views=1, k=10, batch_size=64, num_workers=1, actors=1,
              teacher={**TEACHER, "checkpoint": ckpt})
@@ -82,7 +82,7 @@ def bench_item_vs_forward(cfg) -> dict:
     """run_item images/s and bare-forward images/s, same device/batch, one process."""
     import torch
 
-    from teacher.cache import cache_attrs, make_teacher, open_writer
+    from teacher.job import cache_attrs, make_teacher, open_writer
     from teacher.calibrate import calibrate_tail
     from pipeline.manifest import load_manifest
     from teacher.work import run_item

@@ -123,7 +123,7 @@ def teacher_rows(rows_per_split: int, seed: int = 0, fmnist: int = 1000, batch: 
     import torch
 
     from pipeline.plan import AugConfig, apply, mix, sample_params
-    from teacher import build_teacher
+    from teacher.model import build_teacher
     from teacher.efficientnet_lite import lite0_teacher_config
 
     plist = photos(fmnist)
@@ -199,6 +199,7 @@ def write_cache(path: Path, logits, k: int, tail) -> tuple:
     from storage import create_cache, open_cache
     from storage.cache import ROW_ARRAYS
     from student.targets import CachedTargets
+    from teacher.fidelity import item_record
 
     n = len(logits)
     samples = n // VIEWS
@@ -211,7 +212,8 @@ def write_cache(path: Path, logits, k: int, tail) -> tuple:
     ids, views = np.repeat(np.arange(samples), VIEWS), np.tile(np.arange(VIEWS), samples)
     for s, (first, count) in enumerate(shards):
         sel = slice(first * VIEWS, (first + count) * VIEWS)
-        w.write_item(0, s, ids[sel], views[sel], lp[sel].float().numpy(), idx[sel].numpy(), logits=logits[sel].numpy())
+        w.write_item(0, s, ids[sel], views[sel], lp[sel].float().numpy(), idx[sel].numpy(), logits=logits[sel].numpy(),
+                     fidelity=item_record(w, logits[sel].numpy()))
     r = open_cache(path)
     rows = r.lookup_rows(0, ids, views)
     batch = {"teacher_logprobs": torch.from_numpy(rows.logprobs), "teacher_indices": torch.from_numpy(rows.indices),

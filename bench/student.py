@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._env import provenance  # noqa: E402
-from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
+from teacher.job import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from teacher.work import run_item  # noqa: E402

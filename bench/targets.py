@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _classifier_weights() -> torch.Tensor:
-    from teacher.efficientnet_lite import convert_state_dict, lite0_weights_path
+    from teacher.efficientnet_lite import lite0_weights_path
+    from teacher.lukemelas import convert_state_dict
 
     sd = convert_state_dict(torch.load(lite0_weights_path(), map_location="cpu", weights_only=True))
     return sd["classifier.weight"].double()

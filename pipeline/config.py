@@ -17,6 +17,7 @@ Every config in kdcache is a ``@dataclass`` that inherits :class:`ConfigBase`:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import types
 import typing
@@ -53,6 +54,17 @@ def check(condition: bool, field: str, message: str) -> None:
     """Raise ConfigError(``field: message``) unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"{field}: {message}")
+
+
+def resolve_callable(spec: str) -> Any:
+    """The object a ``"module:function"`` config value names (``teacher.callable``, a student's
+    ``model.name``), imported on demand.
+
+    Raises:
+        ImportError, AttributeError: the module, or the name in it, is missing.
+    """
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _is_config(tp: Any) -> bool:

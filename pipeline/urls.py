@@ -25,6 +25,7 @@ import shlex
 import tempfile
 from typing import BinaryIO
 
+import fsspec
 from braceexpand import braceexpand
 
 PIPE = "pipe:"
@@ -71,16 +72,8 @@ def absolute(url: str | os.PathLike) -> str:
 _OPTIONS = {"use_listings_cache": False}
 
 
-def _fsspec():
-    # Imported on first use of a URL: local paths never need it, and it adds ~75 ms to every
-    # command that touches pipeline.urls (make_shards --help, the CLIs) otherwise.
-    import fsspec
-
-    return fsspec
-
-
 def _fs(url: str):
-    return _fsspec().core.url_to_fs(url, **_OPTIONS)
+    return fsspec.core.url_to_fs(url, **_OPTIONS)
 
 
 def open_read(url: str) -> BinaryIO:
@@ -93,7 +86,7 @@ def open_read(url: str) -> BinaryIO:
         return open(local_path(url), "rb")
     # block_size=0: one streaming GET; a shard is read once, front to back
     options = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
-    return _fsspec().open(url, "rb", **options, **_OPTIONS).open()
+    return fsspec.open(url, "rb", **options, **_OPTIONS).open()
 
 
 def open_write(url: str) -> BinaryIO:
@@ -104,7 +97,7 @@ def open_write(url: str) -> BinaryIO:
         path = local_path(url)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         return open(path, "wb")
-    return _fsspec().open(url, "wb", **_OPTIONS).open()
+    return fsspec.open(url, "wb", **_OPTIONS).open()
 
 
 def read_bytes(url: str) -> bytes:

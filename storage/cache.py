@@ -15,8 +15,9 @@ Layout (format_version 4; S = slot, the largest shard's sample count)::
     <path>/tail_code   int8   [epochs, num_shards * S, views, D]  per-row tail codes
 
 The ``fidelity`` record of a done item holds the sums over (up to ``FIDELITY_ROWS``) rows of
-the TV and KL of the stored rebuild vs the full teacher distribution, for several k and τ
-(teacher/fidelity.py), when the writer was given the full logits.
+the TV and KL of the stored rebuild vs the full teacher distribution, for several k and τ, when
+the caching job measured it (teacher/fidelity.py) and handed it to ``write_item``; readers get
+the records and their means (storage/fidelity.py).
 
 **Slots.** Shards may hold different numbers of samples (shards written by other tools), yet
 one (epoch, shard) work item must own whole chunks: two writers in one chunk make Zarr silently
@@ -50,6 +51,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
+import torch
 import zarr
 from zarr.abc.store import SuffixByteRequest
 from zarr.codecs import BloscCodec
@@ -58,10 +60,13 @@ from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
 from storage import encoding
+from storage.fidelity import summarize
+from storage.tail import TailModel
+from storage.targets import TeacherTargets
 
 FORMAT_VERSION = 4
 LAYOUT_KEY = "kdcache_layout"
-FIDELITY_ROWS = 256  # rows per item whose fidelity the writer records (the first ones): ~0.15 s of CPU per item
+FIDELITY_ROWS = 256  # rows per item whose fidelity is recorded (the first ones): ~0.15 s of CPU per item
 ROW_ARRAYS = ("prob", "index", "tail_mass", "tail_code", "valid", "done")  # per-row; the tail basis is per cache
 PACKED_KEY = "kdcache_packed"   # group attr of a packed copy: {"epochs": [...]} (storage/pack.py)
 PACK_MANIFEST = "pack.json"     # every file's size and sha256; written last, so it marks a complete pack
@@ -308,8 +313,6 @@ class _CacheBase:
             if "tail_basis" not in self.group:  # written last by write_tail
                 raise RuntimeError(f"cache {self.path}: field tail_basis: the tail basis is not written yet "
                                    f"(the caching job calibrates it before the first item)")
-            from storage.tail import TailModel
-
             self._tail = TailModel(*(self.group[name][:] for name in ("tail_mean", "tail_basis", "tail_step")))
         return self._tail
 
@@ -326,14 +329,16 @@ class _CacheBase:
         """True when no learned tail is needed or its basis is written."""
         return self.tail_dim == 0 or self._tail is not None or "tail_basis" in self.group
 
+    def fidelity_records(self) -> list[dict]:
+        """The fidelity records of the done items that have one, in (epoch, shard) order, as the
+        caching job wrote them (storage/fidelity.py)."""
+        return [rec["fidelity"] for it in sorted(self.done_items())
+                if "fidelity" in (rec := self._done_record(*it) or {})]
+
     def fidelity(self) -> dict | None:
         """Mean TV/KL of the stored rebuild vs the full teacher over all recorded rows of done items
-        (teacher.fidelity.summarize), or None when no item recorded any."""
-        from teacher.fidelity import summarize
-
-        records = [rec["fidelity"] for it in sorted(self.done_items())
-                   if "fidelity" in (rec := self._done_record(*it) or {})]
-        return summarize(records)
+        (storage.fidelity.summarize of :meth:`fidelity_records`), or None when no item recorded any."""
+        return summarize(self.fidelity_records())
 
     def row_slots(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard index, storage row) of each sample id: row = shard x slot + position in the shard."""
@@ -458,7 +463,8 @@ class CacheWriter(_CacheBase):
 
     def write_item(self, epoch: int, shard_index: int, sample_ids: np.ndarray, views: np.ndarray,
                    logprobs: np.ndarray, indices: np.ndarray, missing: Iterable[dict] = (),
-                   logits: np.ndarray | None = None, encoded: Callable[[], tuple] | None = None) -> None:
+                   logits: np.ndarray | None = None, encoded: Callable[[], tuple] | None = None,
+                   fidelity: dict | None = None) -> None:
         """Write every row of one (epoch, shard) item, then its done marker LAST.
 
         Args:
@@ -467,14 +473,15 @@ class CacheWriter(_CacheBase):
             indices: [n, k] int class indices.
             missing: records (shard, key, epoch, view, reason) of rows not provided; every
                 row of the item not in ``sample_ids``/``views`` is stored as invalid.
-            logits: [n, C] full teacher logits. They give the exact tail mass, the tail codes
-                (required with a learned tail) and the item's fidelity record; without them the
-                tail mass is ``1 - Σ exp(logprobs)`` and no fidelity is recorded.
+            logits: [n, C] full teacher logits. They give the exact tail mass and the tail codes
+                (required with a learned tail); without them the tail mass is ``1 - Σ exp(logprobs)``.
             encoded: the rows already encoded, so that the caller can do it while its teacher
                 scores (``teacher.work``): a callable returning (:class:`EncodedRows` of these
-                rows in this order, the fidelity record of the first ``FIDELITY_ROWS`` rows or
-                None), exactly what :meth:`encode` and :meth:`fidelity` give. Called after
-                the checks; without it the rows are encoded here.
+                rows in this order, the item's fidelity record or None), the first exactly what
+                :meth:`encode` gives. Called after the checks; without it the rows are encoded here.
+            fidelity: the item's fidelity record (without ``encoded``, which returns it), stored in
+                its done marker: the caching job measures it on the first ``FIDELITY_ROWS`` rows
+                against :meth:`stored` (``teacher.fidelity.item_record``); None records none.
         """
         self._check_item(epoch, shard_index)
         first, count = self.shards[shard_index]
@@ -508,7 +515,7 @@ class CacheWriter(_CacheBase):
             if encoded is not None:
                 rows_out, fidelity = encoded()
             else:
-                rows_out, fidelity = self.encode(logprobs, indices, logits), self.fidelity(logits)
+                rows_out = self.encode(logprobs, indices, logits)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         codes, gaps, log_tail, tail_codes = rows_out
@@ -553,35 +560,23 @@ class CacheWriter(_CacheBase):
                 raise ValueError(self._logits_needed())
             mass = 1.0 - np.exp(np.asarray(logprobs, np.float64)).sum(axis=1)
             return EncodedRows(codes, gaps, np.log(np.maximum(mass, 0.0)), None)
-        import torch
-
         z = torch.from_numpy(np.asarray(logits, np.float32))
         full = torch.log_softmax(z.double(), dim=-1)
         top = torch.from_numpy(np.asarray(indices).astype(np.int64))
         log_tail = torch.logsumexp(full.scatter(1, top, -torch.inf), dim=-1).numpy()
         return EncodedRows(codes, gaps, log_tail, tail.encode(z).numpy() if tail is not None else None)
 
-    def fidelity(self, logits: np.ndarray | None) -> dict | None:
-        """The fidelity record of an item whose first rows have these full logits (the first
-        ``FIDELITY_ROWS`` are used; None without logits)."""
-        if logits is None or not len(logits):
-            return None
-        import torch
-
-        from teacher.fidelity import KS, fidelity_sums
-        from storage.targets import TeacherTargets
-
-        def stored(t: TeacherTargets) -> TeacherTargets:
-            if t.log_tail is None:  # k = C: no tail
-                lp, idx, _ = encoding.round_trip(t.logprobs.numpy(), t.indices.numpy(), np.zeros(len(t.logprobs)),
-                                                 self.num_classes)
-                return TeacherTargets(torch.from_numpy(lp), torch.from_numpy(idx))
-            lp, idx, lt = encoding.round_trip(t.logprobs.numpy(), t.indices.numpy(), t.log_tail.numpy(),
-                                              self.num_classes)
-            return TeacherTargets(torch.from_numpy(lp), torch.from_numpy(idx), torch.from_numpy(lt), t.tail_shape)
-
-        sample = torch.from_numpy(np.asarray(logits[:FIDELITY_ROWS], np.float32))
-        return fidelity_sums(sample, KS + (self.k,), tail=self.tail_model(), stored=stored)
+    def stored(self, targets):
+        """What ``targets`` (a ``storage.targets.TeacherTargets`` of this cache's classes) rebuild to
+        once stored: the quantization round trip of storage/encoding.py, row for row. The caching
+        job measures the fidelity of the stored rows with it (teacher/fidelity.py)."""
+        if targets.log_tail is None:  # k = C: no tail
+            lp, idx, _ = encoding.round_trip(targets.logprobs.numpy(), targets.indices.numpy(),
+                                             np.zeros(len(targets.logprobs)), self.num_classes)
+            return TeacherTargets(torch.from_numpy(lp), torch.from_numpy(idx))
+        lp, idx, lt = encoding.round_trip(targets.logprobs.numpy(), targets.indices.numpy(),
+                                          targets.log_tail.numpy(), self.num_classes)
+        return TeacherTargets(torch.from_numpy(lp), torch.from_numpy(idx), torch.from_numpy(lt), targets.tail_shape)
 
 
 def create_cache(path: str | os.PathLike, *, shards: Sequence[Any], epochs: int, views: int, k: int,

@@ -40,6 +40,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from pipeline.cli import run_cli
 from storage.cache import (PACK_MANIFEST, PACKED_KEY, CacheMismatchError, CacheReader, _first_difference, _open_group,
                            _plain, _spans, open_cache)
 
@@ -367,6 +368,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_cli
-
     sys.exit(run_cli(main, PROG))

@@ -24,7 +24,7 @@ from pipeline.schedule import Schedule
 from pipeline.manifest import Manifest, load_manifest
 from storage import CacheCorruptError, CacheMismatchError, CacheNotReady, CacheReader, EpochNotInCache, open_cache
 from student.config import TrainConfig
-from teacher.job import checkpoint_sha256
+from teacher.model import checkpoint_sha256
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,6 @@ def open_checked_cache(cfg: TrainConfig, manifest: Manifest) -> tuple[CacheReade
     if cfg.teacher.k is not None and cfg.teacher.mode == "cached":
         expect["k"] = cfg.teacher.k
     if cfg.teacher.model is not None and cfg.teacher.mode == "cached":
-        # hub weights (no local file) are loaded only to hash them
         expect["checkpoint_sha256"] = checkpoint_sha256(cfg.teacher.model)
     reader = open_cache(cfg.cache.path, expect=expect)
     return reader, plan

@@ -1,5 +1,5 @@
 """The teacher: the model that scores (``teacher.model``) and the Ray job that runs it once over the
-shards and writes the cache (``teacher.cache``). Target rebuild and the format live in ``storage``."""
-from teacher.model import Teacher, TeacherConfig, TeacherLoadError, TeacherOutput, build_teacher
+shards and writes the cache (``teacher.cache``). Target rebuild and the format live in ``storage``.
 
-__all__ = ["Teacher", "TeacherConfig", "TeacherLoadError", "TeacherOutput", "build_teacher"]
+Nothing is imported here: ``teacher.ray_env`` (pytest's conftest) and the per-item work must not
+pay for modules they do not use; import names from their module."""

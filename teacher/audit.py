@@ -28,12 +28,19 @@ import numpy as np
 import torch
 
 from pipeline.cli import add_debug_flag, run_cli
+from pipeline.replay import ReplayRequest, replay_items
+from pipeline.schedule import epoch_cut, shard_pairs
+from pipeline.manifest import load_manifest
+from pipeline.shards import read_shard
+from storage import CacheMismatchError, open_cache
+from storage.targets import TeacherTargets
+from teacher.fidelity import divergences
+from teacher.job import CacheJobConfig, make_teacher
+from teacher.model import weights_source
 
 
 def job_config_from_cache(reader, out: str, checkpoint: str | None = None, shards: str | None = None):
     """The CacheJobConfig that made the cache (paths optionally replaced)."""
-    from teacher.job import CacheJobConfig
-
     job = dict(reader.attrs["job"])
     job["out"] = out
     if shards:
@@ -53,17 +60,6 @@ def audit(cache: str, samples: int = 100, *, checkpoint: str | None = None, shar
     per τ in ``taus``. Rows are drawn (seeded by ``seed``) among done items; rows stored as
     invalid (skipped samples) are counted, not compared.
     """
-    from teacher.fidelity import divergences
-    from storage.targets import TeacherTargets
-
-    from teacher.job import make_teacher
-    from teacher.model import weights_source
-    from pipeline.replay import ReplayRequest, replay_items
-    from pipeline.schedule import epoch_cut, shard_pairs
-    from pipeline.manifest import load_manifest
-    from pipeline.shards import read_shard
-    from storage import CacheMismatchError, open_cache
-
     reader = open_cache(cache)
     cfg = job_config_from_cache(reader, cache, checkpoint, shards)
     manifest = load_manifest(cfg.shards)

@@ -47,26 +47,27 @@ import dataclasses
 import json
 import time
 from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import ray
+import torch
+from tqdm import tqdm
+
+from pipeline import urls
 from pipeline.cli import add_debug_flag, plural
 from pipeline.config import load_config
-from teacher.job import (  # noqa: F401  (the job's config and provenance, re-exported)
-    CacheJobConfig,
-    absolute_paths,
-    cache_attrs,
-    check_manifest,
-    checkpoint_sha256,
-    make_teacher,
-    open_writer,
-    package_version,
-    resume_attrs,
-)
+from pipeline.classmix import class_mix_warning
+from pipeline.manifest import load_manifest
+from storage import CacheMismatchError, open_cache
+from teacher.calibrate import calibrate_tail
+from teacher.device import actor_plan, pin_memory
 from teacher.feed import ItemFeed
-from teacher.pool import BrokenProcessPool
+from teacher.job import (CacheJobConfig, absolute_paths, cache_attrs, check_manifest, make_teacher, open_writer,
+                         resume_attrs)
+from teacher.pool import use_ray_cpus
 from teacher.work import run_item
-from teacher.device import pin_memory
 
 PROG = "python -m teacher.cache"
 FORMAT_NOTE = "kdcache teacher cache"
@@ -87,11 +88,6 @@ class TeacherWorker:
     """
 
     def __init__(self, cfg_dict: dict, attrs: dict, fault_marker: str | None = None):
-        import torch
-
-        from teacher.pool import use_ray_cpus
-        from pipeline.manifest import load_manifest
-
         use_ray_cpus()  # torch threads = the actor's num_cpus, whatever OMP_NUM_THREADS says
         self.cfg = CacheJobConfig.from_dict(cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,8 +96,6 @@ class TeacherWorker:
         self.teacher = make_teacher(self.cfg, self.device)
         if self.teacher.checkpoint_sha256 != attrs["checkpoint_sha256"]:
             # another node's file or Hugging Face cache may hold other weights than the driver's
-            from storage import CacheMismatchError
-
             raise CacheMismatchError(f"cache {self.cfg.out}: field checkpoint_sha256: this actor's teacher has "
                                      f"{self.teacher.checkpoint_sha256}, the job's is {attrs['checkpoint_sha256']}")
         self.writer = open_writer(self.cfg, self.manifest, attrs)
@@ -119,8 +113,6 @@ class TeacherWorker:
 
     def calibrate(self) -> bool:
         """Fit and store the cache's tail basis if it is missing (teacher.calibrate)."""
-        from teacher.calibrate import calibrate_tail
-
         return calibrate_tail(self.cfg, self.manifest, self.teacher, self.writer)
 
     def pid(self) -> int:
@@ -137,8 +129,6 @@ def connect_ray(address: str | None) -> bool:
     RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, made if missing);
     joining a cluster started with RAY_AUTH_MODE=token needs that cluster's token (README).
     Returns True when this call started Ray (and should shut it down)."""
-    import ray
-
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
@@ -147,10 +137,6 @@ def connect_ray(address: str | None) -> bool:
 
 
 def _auto_actors(cfg: CacheJobConfig) -> tuple[int, dict]:
-    import ray
-
-    from teacher.device import actor_plan
-
     return actor_plan(ray.cluster_resources(), cfg.actors, cfg.num_workers, cfg.replay)
 
 
@@ -165,18 +151,9 @@ def pending_items(writer, epochs: int, num_shards: int) -> tuple[list[tuple[int,
 
 
 def write_summary(cfg: CacheJobConfig, summary: dict) -> str:
-    """Store the job summary with the cache (storage function if any, else a sidecar)."""
-    import storage
-
-    writer_fn = getattr(storage, "write_summary", None)
-    if writer_fn is not None:
-        writer_fn(cfg.out, summary)
-        return cfg.out
-    import fsspec
-
-    path = cfg.out.rstrip("/") + "/summary.json"
-    with fsspec.open(path, "w") as f:
-        json.dump(summary, f, indent=2)
+    """Store the job summary beside the cache's arrays (``summary.json``, any URL); returns its path."""
+    path = urls.join(cfg.out, "summary.json")
+    urls.write_bytes(path, json.dumps(summary, indent=2).encode())
     return path
 
 
@@ -269,8 +246,6 @@ class _Slots:
         self.fill()  # the requeued items go to a live actor now, not to the replacement
 
     def _replace(self, slot: int) -> None:
-        import ray
-
         try:
             ray.kill(self.actors[slot], no_restart=True)  # the old handle: make sure it is gone
         except Exception:
@@ -281,8 +256,6 @@ class _Slots:
     def on_started(self, ref) -> str | None:
         """A replacement answered (or died starting): it takes work now, or is replaced again.
         Returns the error when the slot gave up (``max_start_failures`` starts in a row died)."""
-        import ray
-
         slot = self.starting.pop(ref)
         try:
             ray.get(ref)
@@ -300,8 +273,6 @@ class _Slots:
 
     def close(self) -> int:
         """Kill every actor, live or still starting; returns how many replacements were still starting."""
-        import ray
-
         cancelled = len(self.starting)
         for actor in self.actors:
             ray.kill(actor)
@@ -312,9 +283,6 @@ class _Slots:
 def _run_items(cfg: CacheJobConfig, attrs: dict, todo: list, fault_marker: str | None, progress: bool,
                t0: float) -> _Tally:
     """Run ``todo`` on a pool of teacher actors; retry items whose actor died."""
-    import ray
-    from tqdm import tqdm
-
     tally = _Tally()
     n_actors, options = _auto_actors(cfg)
     actor_cls = ray.remote(TeacherWorker).options(**options)
@@ -393,9 +361,6 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     Raises CacheJobError (after finishing all other items and writing the summary) when
     some items failed for good.
     """
-    from pipeline.classmix import class_mix_warning
-    from pipeline.manifest import load_manifest
-
     cfg = absolute_paths(cfg)
     manifest = load_manifest(cfg.shards)
     check_manifest(cfg, manifest)
@@ -415,8 +380,6 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
         tally = _run_items(cfg, attrs, todo, fault_marker, progress, t0)
     finally:
         if started_ray:
-            import ray
-
             ray.shutdown()
 
     seconds = time.perf_counter() - t0
@@ -431,8 +394,6 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
 
 
 def _summarize(cfg: CacheJobConfig, manifest, done_before: int, tally: _Tally, seconds: float) -> dict:
-    from storage import open_cache
-
     reader = open_cache(cfg.out)
     rows = cfg.epochs * manifest.num_samples * cfg.views
     total_bytes = reader.bytes_on_disk()

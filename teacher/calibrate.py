@@ -12,17 +12,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.replay import ReplayRequest, replay_items
+from pipeline.schedule import epoch_cut, shard_pairs
+from pipeline.errors import ShardError
+from pipeline.shards import read_shard
+from storage.tail import TailModel
+
 
 def calibration_logits(cfg, manifest, teacher, rows: int) -> np.ndarray:
     """Full teacher logits ``[n, C]`` of the first ``rows`` rows of epoch 0 (n may be smaller for a small dataset).
 
     An unreadable shard is passed over: its work items report it, naming the shard.
     """
-    from pipeline.replay import ReplayRequest, replay_items
-    from pipeline.schedule import epoch_cut, shard_pairs
-    from pipeline.errors import ShardError
-    from pipeline.shards import read_shard
-
     cut = epoch_cut(cfg.seed, 0, cfg.views)
     images: list[torch.Tensor] = []
     for shard in manifest.shards:
@@ -58,8 +59,6 @@ def calibrate_tail(cfg, manifest, teacher, writer) -> bool:
     Returns:
         True when this call wrote the basis.
     """
-    from storage.tail import TailModel
-
     if writer.has_tail():
         return False
     logits = calibration_logits(cfg, manifest, teacher, cfg.tail.calibration_rows)

@@ -4,18 +4,21 @@ Both figures compare ``p_τ = softmax(logits / τ)`` of the full teacher with th
 ``q_τ`` (storage/targets.py): total variation ``½ Σ |p - q|`` and ``KL(p ‖ q)``, the term the
 soft distillation loss would add if the student matched the rebuilt target exactly.
 
-The caching job records, per work item, the sums of both over rows for several k (larger k
-too: it holds the full logits) and τ (:func:`fidelity_sums`); the student and the audit read
-them back (:func:`summarize`, :func:`advice`).
+The caching job measures, per work item, the sums of both over rows for several k (larger k
+too: it holds the full logits) and τ (:func:`item_record`, against what the cache stores) and
+hands the record to the cache writer; the student reads the means back
+(``storage.fidelity.summarize``, ``CacheReader.fidelity``) and words them (:func:`advice`).
 """
 from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import storage.cache
 from storage.targets import TeacherTargets, soft_target_logprobs, targets_from_logits
 
 TAUS = (1.0, 2.0, 3.0, 4.0)
@@ -65,26 +68,19 @@ def fidelity_sums(logits: Tensor, ks: Iterable[int], taus: Sequence[float] = TAU
     return {"rows": int(logits.shape[0]), "ks": ks, "taus": [float(t) for t in taus], "tv": tv_sums, "kl": kl_sums}
 
 
-def summarize(records: Iterable[dict]) -> dict | None:
-    """Means over all rows of several :func:`fidelity_sums` records (same ks/taus), or None if there are none.
+def item_record(writer, logits: np.ndarray | None) -> dict | None:
+    """The fidelity record of an item whose first rows have these full logits ``[n, C]``, for
+    ``writer.write_item``: :func:`fidelity_sums` over the first ``storage.cache.FIDELITY_ROWS``
+    rows, for :data:`KS` and the cache's k, of what the cache stores (``writer.stored``, its
+    tail). None without logits.
 
-    Returns:
-        ``{"rows": n, "ks": [...], "taus": [...], "tv": [[mean per τ] per k], "kl": [...]}``.
+    Args:
+        writer: the item's ``storage.CacheWriter``.
     """
-    total = None
-    for rec in records:
-        if total is None:
-            total = {key: rec[key] for key in ("ks", "taus")} | {"rows": 0, "tv": None, "kl": None}
-        if rec["ks"] != total["ks"] or rec["taus"] != total["taus"]:
-            raise ValueError(f"fidelity records differ: ks {rec['ks']} taus {rec['taus']} vs {total['ks']} {total['taus']}")
-        total["rows"] += rec["rows"]
-        for key in ("tv", "kl"):
-            total[key] = rec[key] if total[key] is None else [[a + b for a, b in zip(x, y)]
-                                                               for x, y in zip(total[key], rec[key])]
-    if not total or not total["rows"]:
+    if logits is None or not len(logits):
         return None
-    n = total["rows"]
-    return {**total, "tv": [[v / n for v in row] for row in total["tv"]], "kl": [[v / n for v in row] for row in total["kl"]]}
+    sample = torch.from_numpy(np.asarray(logits[:storage.cache.FIDELITY_ROWS], np.float32))
+    return fidelity_sums(sample, KS + (writer.k,), tail=writer.tail_model(), stored=writer.stored)
 
 
 def advice(summary: dict, k: int, tau: float, poor_tv: float = POOR_TV) -> tuple[str, bool]:

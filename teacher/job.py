@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib.metadata import version
 
 from pipeline import urls
 from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig, fingerprint
-from teacher.model import TeacherConfig, build_teacher, file_sha256
-from teacher.weights import pretrained_cfg, pretrained_file, resolved_tag
+from teacher.model import TeacherConfig, build_teacher, checkpoint_sha256
+from teacher.weights import resolved_tag
+from storage import CacheMismatchError, create_cache, open_cache
 from storage.tail import TailConfig
 
 REPLAY_PLACES = ("local", "ray")
@@ -73,17 +75,6 @@ class CacheJobConfig(ConfigBase):
 RUNTIME_FIELDS = ("batch_size", "num_workers", "replay", "actors", "max_retries", "out")
 
 
-def checkpoint_sha256(t: TeacherConfig) -> str:
-    """Same value as ``Teacher.checkpoint_sha256``; builds the model only for timm pretrained
-    weights that are no local file (hub weights: their identity is the loaded state dict's hash)."""
-    if t.checkpoint:
-        return file_sha256(t.checkpoint)
-    if t.pretrained:
-        file = pretrained_file(pretrained_cfg(t.name, t.pretrained_cfg_overlay))
-        return file_sha256(file) if file else build_teacher(t).checkpoint_sha256
-    return f"callable:{t.callable}" if t.callable else "random"
-
-
 def teacher_id(t: TeacherConfig) -> str:
     """What the cache attrs call the teacher: the timm tag its pretrained weights resolve to
     (``regnety_160.deit_in1k``, the default tag for a bare name), else the name or callable."""
@@ -94,8 +85,6 @@ def teacher_id(t: TeacherConfig) -> str:
 
 def package_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("kdcache")
     except Exception:  # running from a bare checkout
         return "unknown"
@@ -154,8 +143,6 @@ def resume_attrs(cfg: CacheJobConfig, attrs: dict) -> dict:
     field the stored job config lacks (added by a later kdcache, e.g. ``teacher.pretrained``) is
     left out while it holds its default: there it changes nothing, so the cache resumes.
     """
-    from storage import CacheMismatchError, open_cache
-
     try:
         stored = open_cache(cfg.out).attrs
     except (FileNotFoundError, KeyError, CacheMismatchError):
@@ -184,8 +171,6 @@ def _drop_added_defaults(mine: dict, theirs: dict, defaults: dict) -> None:
 
 def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
     """Create the cache, or reopen it for a resume (storage checks attrs are identical)."""
-    from storage import create_cache
-
     return create_cache(
         cfg.out, shards=manifest.shards, epochs=cfg.epochs, views=cfg.views, k=cfg.k,
         num_classes=cfg.teacher.num_classes, attrs=attrs, tail_dim=cfg.tail.dim,

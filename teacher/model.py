@@ -16,19 +16,21 @@ cache writer takes the exact tail mass, the tail code and its fidelity figures.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import timm
 import torch
 from torch import nn
 
-from pipeline.config import ConfigBase, check
-from pipeline.urls import file_sha256  # noqa: F401  (also re-exported: cache attrs use it)
+from pipeline.config import ConfigBase, check, resolve_callable
+from pipeline import urls
+from pipeline.urls import file_sha256
 from teacher.device import AMP_MODES as _AMP
 from teacher.device import autocast_dtype, channels_last, non_blocking
-from teacher.weights import WeightsError, create_pretrained, weights_sha256
+from teacher.lukemelas import convert_state_dict, is_lukemelas_state_dict
+from teacher.weights import create_pretrained, pretrained_cfg, pretrained_file, weights_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -96,11 +98,7 @@ class TeacherOutput:
 
 
 def _open(path: str):
-    if "://" in path:
-        import fsspec
-
-        return fsspec.open(path, "rb").open()
-    return open(path, "rb")
+    return urls.open_read(path)
 
 
 def unwrap_state_dict(obj: Any, path: str = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -122,10 +120,8 @@ def unwrap_state_dict(obj: Any, path: str = "<checkpoint>") -> dict[str, torch.T
         raise TeacherLoadError(f"{path}: expected a state dict, found {type(obj).__name__}")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    from teacher import efficientnet_lite
-
-    if efficientnet_lite.is_lukemelas_state_dict(obj):
-        obj = efficientnet_lite.convert_state_dict(obj)
+    if is_lukemelas_state_dict(obj):
+        obj = convert_state_dict(obj)
     return obj
 
 
@@ -163,9 +159,8 @@ def load_weights(model: nn.Module, path: str, model_name: str) -> None:
 
 
 def _resolve_callable(spec: str) -> Callable[..., nn.Module]:
-    module, _, fn = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module), fn)
+        return resolve_callable(spec)
     except (ImportError, AttributeError) as e:
         raise TeacherLoadError(f"teacher callable {spec!r} cannot be imported: {e}") from e
 
@@ -193,8 +188,6 @@ def create_model(cfg: TeacherConfig) -> nn.Module:
                                   **cfg.model_kwargs)
         check_pretrained_cfg(cfg, model.pretrained_cfg)
     else:
-        import timm
-
         try:
             model = timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes, **cfg.model_kwargs)
         except RuntimeError as e:
@@ -310,18 +303,35 @@ def build_teacher(cfg: TeacherConfig, device: str | torch.device = "cpu", *, k: 
         TeacherLoadError: unknown model, missing checkpoint file, or a state dict whose keys or
             shapes do not match (the message lists the missing / unexpected keys); pretrained
             weights of another class count or normalization.
-        WeightsError: timm's pretrained weights cannot be had (offline and not cached) or do not fit.
+        teacher.weights.WeightsError: timm's pretrained weights cannot be had (offline and not cached) or do not fit.
     """
     model = create_model(cfg)
     if cfg.checkpoint:
         load_weights(model, cfg.checkpoint, cfg.callable or cfg.name)
-        sha = file_sha256(cfg.checkpoint)
-    elif cfg.pretrained:
-        sha = weights_sha256(model)
-    else:
-        sha = f"callable:{cfg.callable}" if cfg.callable else "random"
     return Teacher(model, cfg, device=device, k=k, input_mean=input_mean, input_std=input_std,
-                   checkpoint_sha256=sha)
+                   checkpoint_sha256=checkpoint_sha256(cfg, model))
+
+
+def checkpoint_sha256(cfg: TeacherConfig, model: nn.Module | None = None) -> str:
+    """The identity of the teacher's weights (``Teacher.checkpoint_sha256``, the cache attr a student's
+    guard compares): the sha256 of ``cfg.checkpoint``; for timm pretrained weights that of the file
+    timm reads, or ``state_dict:<sha256>`` of hub weights (teacher/weights.py);
+    ``"callable:<module:fn>"`` for a callable that supplies its own weights; ``"random"`` else.
+
+    Args:
+        model: the model built from ``cfg``, when at hand; without it, hub weights are loaded
+            only to hash them.
+    """
+    if cfg.checkpoint:
+        return file_sha256(cfg.checkpoint)
+    if cfg.pretrained:
+        if model is None:
+            file = pretrained_file(pretrained_cfg(cfg.name, cfg.pretrained_cfg_overlay))
+            if file:
+                return file_sha256(file)
+            model = create_model(cfg)
+        return weights_sha256(model)
+    return f"callable:{cfg.callable}" if cfg.callable else "random"
 
 
 def weights_source(cfg: TeacherConfig) -> str:
@@ -339,5 +349,5 @@ def describe(teacher: Teacher) -> dict:
     return {**teacher.cfg.to_dict(), "checkpoint_sha256": teacher.checkpoint_sha256}
 
 
-__all__ = ["TeacherConfig", "TeacherOutput", "Teacher", "TeacherLoadError", "WeightsError", "build_teacher",
-           "unwrap_state_dict", "load_weights", "file_sha256", "set_stem_stride", "describe", "weights_source"]
+__all__ = ["TeacherConfig", "TeacherOutput", "Teacher", "TeacherLoadError", "build_teacher", "unwrap_state_dict",
+           "load_weights", "set_stem_stride", "describe", "weights_source", "checkpoint_sha256"]

@@ -24,9 +24,9 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable
 
-from concurrent.futures.process import BrokenProcessPool
+import torch
 
-__all__ = ["BrokenProcessPool", "InlinePool", "ProcessPool", "RayPool", "make_pool", "use_ray_cpus"]
+__all__ = ["InlinePool", "ProcessPool", "RayPool", "make_pool", "use_ray_cpus"]
 
 
 def use_ray_cpus() -> int | None:
@@ -37,7 +37,7 @@ def use_ray_cpus() -> int | None:
     that many threads, more actors than cores' worth. Returns the thread count, or None (and
     changes nothing) outside Ray or without a CPU assignment.
     """
-    try:
+    try:  # ray stays out of the per-item path: feed and work run where it is not installed
         import ray
     except ImportError:
         return None
@@ -46,8 +46,6 @@ def use_ray_cpus() -> int | None:
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if not cpus:
         return None
-    import torch
-
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
     return threads
@@ -85,8 +83,6 @@ class InlinePool:
 
 
 def _worker_init(parent: int, pids) -> None:
-    import torch
-
     torch.set_num_threads(1)  # workers run side by side with each other and the teacher
     pids.put(os.getpid())
 
@@ -126,12 +122,12 @@ class _RayHandle:
         self.ref = ref
 
     def result(self) -> Any:
-        import ray
+        import ray  # only RayPool's handles need ray (see use_ray_cpus)
 
         return ray.get(self.ref)
 
     def cancel(self) -> bool:
-        import ray
+        import ray  # only RayPool's handles need ray (see use_ray_cpus)
 
         ray.cancel(self.ref)
         return True
@@ -154,7 +150,7 @@ class RayPool:
         self._remote: dict[Callable, Any] = {}
 
     def submit(self, fn: Callable, *args) -> _RayHandle:
-        import ray
+        import ray  # only RayPool needs ray (see use_ray_cpus)
 
         if fn not in self._remote:
             self._remote[fn] = ray.remote(num_cpus=1, max_retries=3)(fn)

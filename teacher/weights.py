@@ -25,8 +25,13 @@ import os
 import re
 from typing import Any
 
+import timm
 import torch
+from timm.models import is_model, resolve_pretrained_cfg, split_model_name_tag
+from timm.models._builder import _resolve_pretrained_source
 from torch import nn
+
+from pipeline.urls import file_sha256
 
 
 class WeightsError(ValueError):
@@ -39,8 +44,6 @@ def pretrained_cfg(name: str, overlay: dict | None = None) -> dict:
     Raises:
         WeightsError: an unknown architecture or tag.
     """
-    from timm.models import is_model, resolve_pretrained_cfg, split_model_name_tag
-
     arch, tag = split_model_name_tag(name)
     if not is_model(arch):
         raise WeightsError(f"{name!r} is not a timm model name (timm.list_models() lists them)")
@@ -59,8 +62,6 @@ def resolved_tag(name: str, overlay: dict | None = None) -> str:
 def _source(cfg: dict) -> tuple[str, Any]:
     # timm's own rule (its load_pretrained calls it), so "which source" cannot drift from timm's:
     # ("file" | "hf-hub" | "url" | "local-dir" | "state_dict" | "", location)
-    from timm.models._builder import _resolve_pretrained_source
-
     return _resolve_pretrained_source(cfg)
 
 
@@ -82,8 +83,6 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 def weights_sha256(model: nn.Module) -> str:
     """Identity of the pretrained weights ``model`` was built with (see the module docstring)."""
-    from pipeline.urls import file_sha256
-
     file = pretrained_file(model.pretrained_cfg)
     return file_sha256(file) if file else state_dict_sha256(model.state_dict())
 
@@ -100,8 +99,6 @@ def create_pretrained(name: str, overlay: dict | None, field: str, **kwargs: Any
         WeightsError: unknown tag, weights not in the cache (offline) or unreachable, an
             unreadable overlay file, or weights that do not fit the architecture.
     """
-    import timm
-
     # an unknown name or tag, no weights at all, or a missing file is named before timm tries anything
     load_from, location = _source(pretrained_cfg(name, overlay))
     if not load_from:

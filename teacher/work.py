@@ -15,12 +15,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from teacher.feed import ItemFeed
+import storage.cache
+from pipeline.manifest import load_manifest
+from storage.cache import EncodedRows
+from teacher.calibrate import calibrate_tail
 from teacher.device import pin_memory
+from teacher.feed import ItemFeed
+from teacher.fidelity import item_record
+from teacher.job import cache_attrs, make_teacher, open_writer
 
 
 @dataclass
@@ -65,18 +72,15 @@ class Scored:
 
 
 class RowEncoder:
-    """Encodes each scored batch for storage (``CacheWriter.encode``, and the fidelity record of the
-    item's first rows) on a background thread while the teacher scores the next batch, so the
-    write at the item's end is only the chunk writes: the teacher idles less between items.
+    """Encodes each scored batch for storage (``CacheWriter.encode``, and measures the fidelity record
+    of the item's first rows, ``teacher.fidelity.item_record``) on a background thread while the
+    teacher scores the next batch, so the write at the item's end is only the chunk writes: the
+    teacher idles less between items.
     Batches are encoded row for row as given, so the stored values are those of encoding the
     whole item at once."""
 
     def __init__(self, writer):
-        from concurrent.futures import ThreadPoolExecutor
-
-        from storage.cache import FIDELITY_ROWS
-
-        self.writer, self.need = writer, FIDELITY_ROWS
+        self.writer, self.need = writer, storage.cache.FIDELITY_ROWS  # read now: tests vary it
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdcache-encode")
         self._parts: list = []
         self._first: list[np.ndarray] = []
@@ -88,14 +92,12 @@ class RowEncoder:
             self._first.append(logits[:self.need])
             self.need -= len(self._first[-1])
             if self.need == 0:
-                self._fidelity = self._pool.submit(self.writer.fidelity, np.concatenate(self._first))
+                self._fidelity = self._pool.submit(item_record, self.writer, np.concatenate(self._first))
 
     def result(self):
         """(EncodedRows of every row added, fidelity record): ``write_item``'s ``encoded``."""
-        from storage.cache import EncodedRows
-
         if self._fidelity is None and self._first:  # fewer rows than FIDELITY_ROWS in the item
-            self._fidelity = self._pool.submit(self.writer.fidelity, np.concatenate(self._first))
+            self._fidelity = self._pool.submit(item_record, self.writer, np.concatenate(self._first))
         parts = [f.result() for f in self._parts]
         if not parts:
             return self.writer.encode(np.zeros((0, self.writer.k), np.float32), np.zeros((0, self.writer.k), np.int64),
@@ -168,10 +170,6 @@ def run_item(cfg, epoch: int, shard_index: int, teacher=None, writer=None, *, ma
     Raises:
         ShardError naming the shard for a missing/truncated tar; nothing is written then.
     """
-    from teacher.calibrate import calibrate_tail
-    from teacher.job import cache_attrs, make_teacher, open_writer
-    from pipeline.manifest import load_manifest
-
     t0 = time.perf_counter()
     manifest = manifest if manifest is not None else load_manifest(cfg.shards)
     if not 0 <= shard_index < len(manifest.shards):

@@ -22,7 +22,8 @@ ray = pytest.importorskip("ray")
 
 from hygiene import wait_session_gone  # noqa: E402
 from teacher.audit import audit  # noqa: E402
-from teacher.cache import CacheJobConfig, CacheJobError, run_job  # noqa: E402
+from teacher.cache import CacheJobError, run_job  # noqa: E402
+from teacher.job import CacheJobConfig  # noqa: E402
 from pipeline.errors import ShardError  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from teacher.work import run_item  # noqa: E402
@@ -134,7 +135,7 @@ def test_rerun_skips_done_items(reference):
 
 def test_run_item_without_ray_matches(reference, tmp_path):
     """The plain function gives the same rows as the Ray job (2 decode workers here)."""
-    from teacher.cache import cache_attrs, make_teacher, open_writer
+    from teacher.job import cache_attrs, make_teacher, open_writer
 
     cfg, _ = reference
     cfg2 = cfg.replace(out=str(tmp_path / "c.zarr"), num_workers=2, epochs=1)

@@ -11,8 +11,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from teacher.cache import (CacheJobConfig, HINTS, PROG, cache_attrs, main, make_teacher,  # noqa: E402
-                            open_writer, run_job)
+from teacher.cache import HINTS, PROG, main, run_job  # noqa: E402
+from teacher.job import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
 from pipeline.cli import run_cli  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from teacher.work import run_item  # noqa: E402

@@ -20,7 +20,8 @@ import torch
 ray = pytest.importorskip("ray")
 
 from teacher.audit import audit  # noqa: E402
-from teacher.cache import CacheJobConfig, run_job  # noqa: E402
+from teacher.cache import run_job  # noqa: E402
+from teacher.job import CacheJobConfig  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from hygiene import wait_session_gone  # noqa: E402
 from servers import new_bucket  # noqa: E402

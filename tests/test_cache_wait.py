@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from teacher.cache import cache_attrs, make_teacher, open_writer
+from teacher.job import cache_attrs, make_teacher, open_writer
 from pipeline.manifest import load_manifest
 from teacher.work import run_item
 from storage import wait_for_cache

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from teacher.cache import CacheJobConfig, cache_attrs, open_writer
+from teacher.job import CacheJobConfig, cache_attrs, open_writer
 from pipeline.config import load_config
 from pipeline.manifest import ShardInfo, load_manifest, manifest_dict
 from student.train import main

@@ -19,7 +19,8 @@ import pytest
 from pipeline import premix as premix_module  # noqa: E402
 from teacher.feed import ItemFeed  # noqa: E402
 from teacher.job import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
-from teacher.pool import BrokenProcessPool, InlinePool, ProcessPool  # noqa: E402
+from teacher.pool import InlinePool, ProcessPool  # noqa: E402
+from concurrent.futures.process import BrokenProcessPool  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from teacher.work import run_item  # noqa: E402
 from test_cache_job import TINY_TEACHER, teacher_ckpt  # noqa: E402,F401  (the same tiny teacher file)

@@ -19,7 +19,7 @@ import torch
 from storage import create_cache, open_cache
 from student.losses import DistillationLoss
 from student.targets import CachedTargets, OnlineTargets
-from teacher.fidelity import TAUS, divergences
+from teacher.fidelity import TAUS, divergences, item_record
 from storage.tail import TailModel
 from storage.targets import TeacherTargets, soft_target_logprobs, targets_from_logits
 
@@ -36,7 +36,7 @@ def real_rows():
     from PIL import Image
 
     from pipeline.plan import AugConfig, apply, mix, sample_params
-    from teacher import build_teacher
+    from teacher.model import build_teacher
     from teacher.efficientnet_lite import lite0_teacher_config
 
     cfg = AugConfig()
@@ -60,7 +60,8 @@ def _write(path, logits: torch.Tensor, k: int, tail: TailModel | None):
     if tail is not None:
         w.write_tail(tail)
     lp, idx = torch.log_softmax(logits.double(), -1).topk(k, dim=-1)
-    w.write_item(0, 0, np.arange(n), np.zeros(n, np.int64), lp.float().numpy(), idx.numpy(), logits=logits.numpy())
+    w.write_item(0, 0, np.arange(n), np.zeros(n, np.int64), lp.float().numpy(), idx.numpy(), logits=logits.numpy(),
+                 fidelity=item_record(w, logits.numpy()))
     return open_cache(path)
 
 

@@ -23,7 +23,8 @@ wds = pytest.importorskip("webdataset")
 
 from PIL import Image  # noqa: E402
 
-from teacher.cache import CacheJobConfig, run_job  # noqa: E402
+from teacher.cache import run_job  # noqa: E402
+from teacher.job import CacheJobConfig  # noqa: E402
 from pipeline.index import index_shards  # noqa: E402
 from fmnist import FMNIST_DIR, require_fmnist  # noqa: E402
 from pipeline.make_shards import FMNIST_CLASSES, load_fmnist  # noqa: E402

@@ -19,6 +19,7 @@ from storage import CacheCorruptError, CacheMismatchError, create_cache, open_ca
 from storage.cache import EpochNotInCache
 from storage.pack import CacheNotFinished, pack, verify
 from storage.tail import TailModel
+from teacher.fidelity import item_record
 
 SHARDS = [(0, 8), (8, 8), (16, 5)]
 N, EPOCHS, VIEWS, K, C, D = 21, 4, 2, 4, 50, 4
@@ -39,7 +40,7 @@ def _write_cache(path, items=None) -> None:
         top = np.argsort(-logits, 1)[:, :K]
         lp = np.take_along_axis(logits, top, 1) - np.log(np.exp(logits).sum(1))[:, None]
         missing = [{"shard": s, "key": f"k{first}", "epoch": e, "view": 0, "reason": "test"}] if (e, s) == (1, 1) else []
-        w.write_item(e, s, ids, views, lp, top, missing=missing, logits=logits)
+        w.write_item(e, s, ids, views, lp, top, missing=missing, logits=logits, fidelity=item_record(w, logits))
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,10 @@ import torch
 ray = pytest.importorskip("ray")
 
 from teacher.audit import audit  # noqa: E402
-from teacher.cache import CacheJobConfig, run_job  # noqa: E402
+from teacher.cache import run_job  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-from teacher.job import cache_attrs, checkpoint_sha256, make_teacher, open_writer  # noqa: E402
+from teacher.job import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
+from teacher.model import checkpoint_sha256  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.urls import file_sha256  # noqa: E402
 from teacher.work import run_item  # noqa: E402

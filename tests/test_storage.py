@@ -337,6 +337,7 @@ def _logit_item(epoch, shard, seed=0):
 
 def test_learned_tail_round_trips_and_is_reused_on_resume(tmp_path):
     from storage.tail import TailModel
+    from teacher.fidelity import item_record
 
     path = tmp_path / "c.zarr"
     w = _create(path, tail_dim=16)
@@ -347,7 +348,7 @@ def test_learned_tail_round_trips_and_is_reused_on_resume(tmp_path):
     w.write_tail(tail)
     with pytest.raises(ValueError, match="field logits"):
         w.write_item(0, 1, ids, views, lp, idx)
-    w.write_item(0, 1, ids, views, lp, idx, logits=logits)
+    w.write_item(0, 1, ids, views, lp, idx, logits=logits, fidelity=item_record(w, logits))
 
     again = _create(path, tail_dim=16)  # resume: the stored basis, bit for bit
     with pytest.raises(CacheMismatchError, match="field tail_basis: already written"):
@@ -355,7 +356,8 @@ def test_learned_tail_round_trips_and_is_reused_on_resume(tmp_path):
     stored = again.tail_model()
     for name in ("mean", "basis", "step"):
         np.testing.assert_array_equal(getattr(stored, name), getattr(tail, name))
-    again.write_item(0, 2, *_logit_item(0, 2)[:4], logits=_logit_item(0, 2)[4])
+    again.write_item(0, 2, *_logit_item(0, 2)[:4], logits=_logit_item(0, 2)[4],
+                     fidelity=item_record(again, _logit_item(0, 2)[4]))
 
     r = open_cache(path)
     rows = r.lookup_rows(0, ids, views)
@@ -377,6 +379,7 @@ def test_rows_encoded_while_scoring_store_what_write_item_encodes(tmp_path, monk
     import zarr
 
     import storage.cache
+    from teacher.fidelity import item_record
     from teacher.work import RowEncoder
     from storage.cache import ROW_ARRAYS
     from storage.tail import TailModel
@@ -389,7 +392,8 @@ def test_rows_encoded_while_scoring_store_what_write_item_encodes(tmp_path, monk
         writers[way].write_tail(tail)
     for shard in range(len(SHARDS)):
         ids, views, lp, idx, logits = _logit_item(0, shard)
-        writers["whole"].write_item(0, shard, ids, views, lp, idx, logits=logits)
+        writers["whole"].write_item(0, shard, ids, views, lp, idx, logits=logits,
+                                    fidelity=item_record(writers["whole"], logits))
         encoder = RowEncoder(writers["batches"])
         try:
             for lo in range(0, len(ids), 3):  # teacher batches of 3 rows

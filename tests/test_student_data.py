@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer
+from teacher.job import CacheJobConfig, cache_attrs, make_teacher, open_writer
 from pipeline.config import load_config
 from pipeline.plan import AugConfig
 from pipeline.manifest import load_manifest

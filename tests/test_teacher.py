@@ -8,8 +8,8 @@ import timm
 import torch
 
 from pipeline.config import ConfigError
-from teacher import TeacherConfig, TeacherLoadError, build_teacher
-from teacher.model import file_sha256
+from teacher.model import TeacherConfig, TeacherLoadError, build_teacher
+from pipeline.urls import file_sha256
 
 TINY = "regnety_002"
 

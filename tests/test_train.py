@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from teacher.cache import cache_attrs, make_teacher, open_writer
+from teacher.job import cache_attrs, make_teacher, open_writer
 from pipeline.loader import LoaderConfig, split_loader
 from pipeline.plan import AugConfig
 from pipeline.manifest import load_manifest

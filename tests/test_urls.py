@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline import urls
-from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer
+from teacher.job import CacheJobConfig, cache_attrs, make_teacher, open_writer
 from pipeline.index import index_shards
 from pipeline.loader import LoaderConfig, ReplayLoader
 from pipeline.schedule import Schedule
