@@ -6,7 +6,6 @@ in *distilled training* so that ``model.train()`` returns ``(cls, dist)`` (for
 """
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from typing import Any, Callable
@@ -17,7 +16,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, resolve_callable
 from student.checkpoint import CheckpointError, load_checkpoint
 from teacher.model import set_stem_stride, unwrap_state_dict
 from teacher.weights import create_pretrained, resolved_tag
@@ -111,8 +110,7 @@ def _create(name: str, num_classes: int, img_size: int, kwargs: dict[str, Any]) 
     """``timm.create_model`` (or ``module:fn``); a name or kwarg timm rejects becomes a ConfigError
     naming the key."""
     if ":" in name:  # "module:fn", e.g. the bench-only bench.simulated:sleeping_net
-        module, _, fn = name.partition(":")
-        return getattr(importlib.import_module(module), fn)(num_classes=num_classes, img_size=img_size, **kwargs)
+        return resolve_callable(name)(num_classes=num_classes, img_size=img_size, **kwargs)
     try:
         # ViT-family constructors need img_size to size their position embedding; most convnets
         # reject the kwarg, so retry without it.

@@ -89,7 +89,7 @@ def build_targets_fn(cfg, plan, reader, num_classes: int, device, log: Callable[
         tcfg = TeacherConfig.from_dict(_job_teacher(reader.attrs, cfg.cache.path))
     k = min(cfg.teacher.k or num_classes, num_classes)
     tail = reader.tail_model() if reader is not None and k < num_classes else None
-    # Fed the plan's normalization, exactly like teacher.cache.make_teacher.
+    # Fed the plan's normalization, exactly like teacher.job.make_teacher.
     teacher = build_teacher(tcfg, device=str(device), k=k, input_mean=plan.aug.mean, input_std=plan.aug.std)
     if reader is not None and teacher.checkpoint_sha256 != reader.attrs.get("checkpoint_sha256"):
         raise CacheMismatchError(
@@ -105,7 +105,7 @@ def report_fidelity(reader, tau: float, log: Callable[[str], None] = print) -> d
     """Log the cache's recorded fidelity at ``tau`` (and a warning naming a better k when poor).
 
     Returns:
-        The cache's fidelity summary (teacher.fidelity.summarize), or None when none is recorded.
+        The cache's fidelity summary (storage.fidelity.summarize), or None when none is recorded.
     """
     summary = reader.fidelity()
     if summary is None:

@@ -58,14 +58,12 @@ from tqdm import tqdm
 from pipeline import urls
 from pipeline.cli import add_debug_flag, plural
 from pipeline.config import load_config
-from pipeline.classmix import class_mix_warning
 from pipeline.manifest import load_manifest
 from storage import CacheMismatchError, open_cache
 from teacher.calibrate import calibrate_tail
 from teacher.device import actor_plan, pin_memory
 from teacher.feed import ItemFeed
-from teacher.job import (CacheJobConfig, absolute_paths, cache_attrs, check_manifest, make_teacher, open_writer,
-                         resume_attrs)
+from teacher.job import CacheJobConfig, OpenJob, make_teacher, open_job, open_writer
 from teacher.pool import use_ray_cpus
 from teacher.work import run_item
 
@@ -141,14 +139,6 @@ def _auto_actors(cfg: CacheJobConfig) -> tuple[int, dict]:
 
 
 # --------------------------------------------------------------------------- the job
-
-def pending_items(writer, epochs: int, num_shards: int) -> tuple[list[tuple[int, int]], int]:
-    """(epoch, shard) items without a done marker, epoch-major (so students can start
-    on early epochs while later ones are cached), and how many were already done."""
-    done = set(writer.done_items())
-    todo = [(e, s) for e in range(epochs) for s in range(num_shards) if (e, s) not in done]
-    return todo, len(done)
-
 
 def write_summary(cfg: CacheJobConfig, summary: dict) -> str:
     """Store the job summary beside the cache's arrays (``summary.json``, any URL); returns its path."""
@@ -280,9 +270,9 @@ class _Slots:
         return cancelled
 
 
-def _run_items(cfg: CacheJobConfig, attrs: dict, todo: list, fault_marker: str | None, progress: bool,
-               t0: float) -> _Tally:
-    """Run ``todo`` on a pool of teacher actors; retry items whose actor died."""
+def _run_items(job: OpenJob, fault_marker: str | None, progress: bool, t0: float) -> _Tally:
+    """Run the job's pending items on a pool of teacher actors; retry items whose actor died."""
+    cfg, attrs, todo = job.cfg, job.attrs, job.todo
     tally = _Tally()
     n_actors, options = _auto_actors(cfg)
     actor_cls = ray.remote(TeacherWorker).options(**options)
@@ -361,39 +351,34 @@ def run_job(cfg: CacheJobConfig, *, address: str | None = None, progress: bool =
     Raises CacheJobError (after finishing all other items and writing the summary) when
     some items failed for good.
     """
-    cfg = absolute_paths(cfg)
-    manifest = load_manifest(cfg.shards)
-    check_manifest(cfg, manifest)
-    warning = class_mix_warning(manifest)
-    if warning:  # with or without progress (--no-progress): it says why a student would learn less
-        print(warning, file=sys.stderr)
-    attrs = resume_attrs(cfg, cache_attrs(cfg, manifest))
-    writer = open_writer(cfg, manifest, attrs)
-    todo, done_before = pending_items(writer, cfg.epochs, len(manifest.shards))
-    if not todo:  # nothing to run: summary.json keeps the figures of the run that did the work
-        return _summarize(cfg, manifest, done_before, _Tally(), 0.0)
+    job = open_job(cfg)
+    if job.warning:  # with or without progress (--no-progress): it says why a student would learn less
+        print(job.warning, file=sys.stderr)
+    if not job.todo:  # nothing to run: summary.json keeps the figures of the run that did the work
+        return _summarize(job, _Tally(), 0.0)
     fault_marker = fault_marker or os.environ.get(FAULT_ENV) or None
 
     started_ray = connect_ray(address)
     t0 = time.perf_counter()
     try:
-        tally = _run_items(cfg, attrs, todo, fault_marker, progress, t0)
+        tally = _run_items(job, fault_marker, progress, t0)
     finally:
         if started_ray:
             ray.shutdown()
 
     seconds = time.perf_counter() - t0
     failed = tally.failed
-    summary = _summarize(cfg, manifest, done_before, tally, seconds)
-    summary["summary_path"] = write_summary(cfg, summary)
+    summary = _summarize(job, tally, seconds)
+    summary["summary_path"] = write_summary(job.cfg, summary)
     if failed:
         lines = "\n".join(f"  epoch {f['epoch']} shard {f['shard']}: {f['error']}" for f in failed)
-        raise CacheJobError(f"{len(failed)} work item(s) of {cfg.out} failed; everything else "
+        raise CacheJobError(f"{len(failed)} work item(s) of {job.cfg.out} failed; everything else "
                             f"is cached and a re-run retries only these:\n{lines}")
     return summary
 
 
-def _summarize(cfg: CacheJobConfig, manifest, done_before: int, tally: _Tally, seconds: float) -> dict:
+def _summarize(job: OpenJob, tally: _Tally, seconds: float) -> dict:
+    cfg, manifest, done_before = job.cfg, job.manifest, job.done_before
     reader = open_cache(cfg.out)
     rows = cfg.epochs * manifest.num_samples * cfg.views
     total_bytes = reader.bytes_on_disk()

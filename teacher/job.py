@@ -14,7 +14,9 @@ from pipeline.config import ConfigBase, check
 from pipeline.plan import AugConfig, fingerprint
 from teacher.model import TeacherConfig, build_teacher, checkpoint_sha256
 from teacher.weights import resolved_tag
-from storage import CacheMismatchError, create_cache, open_cache
+from pipeline.classmix import class_mix_warning
+from pipeline.manifest import Manifest, load_manifest
+from storage import CacheMismatchError, CacheWriter, create_cache, open_cache
 from storage.tail import TailConfig
 
 REPLAY_PLACES = ("local", "ray")
@@ -177,12 +179,56 @@ def open_writer(cfg: CacheJobConfig, manifest, attrs: dict):
     )
 
 
-def check_manifest(cfg: CacheJobConfig, manifest) -> None:
-    check(manifest.num_classes == cfg.teacher.num_classes, "teacher.num_classes",
-          f"dataset {cfg.shards} has {manifest.num_classes} classes, teacher has {cfg.teacher.num_classes}")
-
-
 def make_teacher(cfg: CacheJobConfig, device: str = "cpu"):
     """The job's teacher: top-``cfg.k``, fed images normalized with the plan's mean/std."""
     return build_teacher(cfg.teacher, device=device, k=cfg.k,
                          input_mean=cfg.aug.mean, input_std=cfg.aug.std)
+
+
+def pending_items(writer: CacheWriter, epochs: int, num_shards: int) -> tuple[list[tuple[int, int]], int]:
+    """(epoch, shard) items without a done marker, epoch-major (so students can start
+    on early epochs while later ones are cached), and how many were already done."""
+    done = set(writer.done_items())
+    todo = [(e, s) for e in range(epochs) for s in range(num_shards) if (e, s) not in done]
+    return todo, len(done)
+
+
+@dataclass(frozen=True)
+class OpenJob:
+    """A caching job ready to run (:func:`open_job`).
+
+    Args:
+        cfg: the job config, local paths made absolute (what actors receive).
+        manifest: the dataset's manifest.
+        attrs: the provenance in the cache attrs (on a resume, in the existing cache's spelling).
+        writer: the cache, created or reopened.
+        todo: (epoch, shard) items without a done marker, epoch-major.
+        done_before: items already done when the job opened.
+        warning: the class-mix warning for class-sorted shards, or None.
+    """
+
+    cfg: CacheJobConfig
+    manifest: Manifest
+    attrs: dict
+    writer: CacheWriter
+    todo: list[tuple[int, int]]
+    done_before: int
+    warning: str | None
+
+
+def open_job(cfg: CacheJobConfig) -> OpenJob:
+    """Resolve ``cfg`` into everything a run needs, in one place: absolute paths, the manifest
+    (checked against the teacher), the provenance, the cache and its pending items.
+
+    Raises:
+        ConfigError: the dataset's class count differs from the teacher's.
+        CacheMismatchError: the cache exists with other provenance (names the field).
+    """
+    cfg = absolute_paths(cfg)
+    manifest = load_manifest(cfg.shards)
+    check(manifest.num_classes == cfg.teacher.num_classes, "teacher.num_classes",
+          f"dataset {cfg.shards} has {manifest.num_classes} classes, teacher has {cfg.teacher.num_classes}")
+    attrs = resume_attrs(cfg, cache_attrs(cfg, manifest))
+    writer = open_writer(cfg, manifest, attrs)
+    todo, done_before = pending_items(writer, cfg.epochs, len(manifest.shards))
+    return OpenJob(cfg, manifest, attrs, writer, todo, done_before, class_mix_warning(manifest))
