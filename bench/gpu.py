@@ -3,8 +3,9 @@
     python bench/gpu.py                        # on a CUDA machine, ~10 min; writes bench/results/gpu.json
     python bench/gpu.py --device cpu --smoke   # the same code on CPU with tiny models (~1 min; numbers meaningless)
 
-Needs only torch, torchvision, timm, numpy, Pillow, PyYAML (no webdataset, zarr or Ray): shards
-are written and read with ``pipeline.shards`` (tarfile), the cache write is left out (its cost
+Needs no Ray (the per-item work runs without it): torch, torchvision, timm, numpy, Pillow, PyYAML
+and the wheels of zarr, numcodecs and webdataset (kdcache's modules import them). Shards are
+written and read with ``pipeline.writer``/``pipeline.shards`` (tarfile), the cache write is left out (its cost
 is ``bench/cache.py``'s; a row is 16 bytes) and the cached student's targets are the teacher's
 top-k of the same images, held on the GPU as the cache's rows would be after the join.
 Weights are random (nothing is downloaded): speed does not depend on them.

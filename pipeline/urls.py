@@ -26,7 +26,6 @@ import tempfile
 from typing import BinaryIO
 
 import fsspec
-from braceexpand import braceexpand
 
 PIPE = "pipe:"
 
@@ -211,6 +210,10 @@ def file_sha256(url: str | os.PathLike) -> str:
 
 def expand(patterns: str | list[str]) -> list[str]:
     """Shard URLs from brace patterns (``train-{000000..001281}.tar``, the webdataset notation)."""
+    # optional here: braceexpand comes with webdataset, which the per-item work does not need (a GPU
+    # box that runs bench/gpu.py has torch and timm only); only `make_shards index` expands patterns
+    from braceexpand import braceexpand
+
     out: list[str] = []
     for p in [patterns] if isinstance(patterns, str) else patterns:
         out += list(braceexpand(p))
