@@ -23,7 +23,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from teacher.cache import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
+from teacher.job import CacheJobConfig, cache_attrs, make_teacher, open_writer  # noqa: E402
 from teacher.calibrate import calibrate_tail  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from teacher.work import run_item  # noqa: E402
