@@ -74,7 +74,9 @@ def test_lost_node_job_finishes_on_the_survivor_byte_identical(two_node_cluster,
     cluster, worker = two_node_cluster
     # the tiny teacher at its usual stem stride (2): the test is about items, not their cost
     teacher = {**TINY_TEACHER, "stem_stride": None, "checkpoint": teacher_ckpt}
-    cfg = make_cfg(fmnist_shards / "train", tmp_path / "c.zarr", teacher_ckpt, epochs=4, views=1, actors=2,
+    # 32 items: the job must still be running when Ray notices the node's death (with 16, a loaded
+    # machine once let the survivor finish them all before the lost actor's call failed)
+    cfg = make_cfg(fmnist_shards / "train", tmp_path / "c.zarr", teacher_ckpt, epochs=8, views=1, actors=2,
                    teacher=teacher, tail={"dim": 4, "calibration_rows": 256})
     total = cfg.epochs * len(load_manifest(cfg.shards).shards)
     cfg.save(tmp_path / "job.yaml")
