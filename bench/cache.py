@@ -13,7 +13,8 @@ At 224 px the forward dominates on CPU, as RegNetY-16GF's does on a GPU.
   ``cpu_count - num_workers`` threads in BOTH measurements, so the decode process has a core
   of its own — as on a GPU node, where decoding runs on CPU cores beside the GPU. The question
   measured is whether reading, replaying and writing hide behind the forward.
-* ``reader_rows_per_s``: ``CacheReader.lookup`` of random batches of 256 rows (one epoch).
+* ``reader_rows_per_s``: ``CacheReader.lookup_rows`` (what the student reads: top-k, tail mass and
+  tail code) of random batches of 256 rows (one epoch).
 * ``ray_2_over_1``: steady images/s (after actor start-up and the tail calibration) of the same
   Ray job with 2 vs 1 CPU actor (fresh caches), each actor ``num_cpus=1`` with inline replay
   (``num_workers=0``). Scaling, not oversubscription: the run with A actors gets a Ray instance
@@ -124,11 +125,11 @@ def bench_reader(cache: str, batch: int = 256, seconds: float = 3.0) -> float:
     r = open_cache(cache)
     n = r.attrs["num_samples"]
     rng = np.random.default_rng(0)
-    r.lookup(0, np.arange(min(n, batch)), np.zeros(min(n, batch), np.int64))  # warm chunk cache
+    r.lookup_rows(0, np.arange(min(n, batch)), np.zeros(min(n, batch), np.int64))  # warm chunk cache
     rows, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         ids = rng.integers(0, n, batch)
-        r.lookup(0, ids, rng.integers(0, r.views, batch))
+        r.lookup_rows(0, ids, rng.integers(0, r.views, batch))
         rows += batch
     return rows / (time.perf_counter() - t0)
 

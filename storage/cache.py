@@ -752,14 +752,6 @@ class CacheReader(_CacheBase):
         return CachedRows(self._lut[buf["codes"][rows]], buf["index"][rows].astype(np.int64), buf["valid"][rows],
                           self._lut[buf["tail_mass"][rows]], code)
 
-    def lookup(self, epoch: int, sample_ids: np.ndarray, views: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows (epoch, sample_ids[i], views[i]) -> (logprobs f32 [B,k], indices i64 [B,k], valid bool [B]).
-
-        The top-k part of :meth:`lookup_rows` (enough for hard distillation).
-        """
-        return self.lookup_rows(epoch, sample_ids, views)[:3]
-
     def wait_done(self, epoch: int, shard_index: int, timeout: float | None = None, poll: float = 2.0,
                   log: Callable[[str], Any] | None = print) -> None:
         """Block until item (epoch, shard_index) is done, saying so while waiting.

@@ -170,7 +170,7 @@ def test_foreign_shards_cached_and_trained(foreign, layout, ray_session, tmp_pat
     assert all(r["shard"] == bad["shard"] for r in summary["skipped"])   # partners come from the same shard
     reader = open_cache(cfg.out)
     ids, views = np.repeat(np.arange(m.num_samples), 2), np.tile(np.arange(2), m.num_samples)
-    valid = reader.lookup(0, ids, views)[2]
+    valid = reader.lookup_rows(0, ids, views).valid
     cached_missing = {(int(i), int(v)) for i, v in zip(ids[~valid], views[~valid])}
     assert cached_missing == _skipped_rows(summary["skipped"]) == _skipped_rows(reader.missing_records())
     assert (bad["sample_id"], 0) in cached_missing and (bad["sample_id"], 1) in cached_missing

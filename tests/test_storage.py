@@ -66,7 +66,7 @@ def test_round_trip_within_quantization(tmp_path):
         for s in range(len(SHARDS)):
             ids, views, lp, idx = _item(e, s)
             order = np.random.default_rng(1).permutation(len(ids))
-            got_lp, got_idx, valid = r.lookup(e, ids[order], views[order])
+            got_lp, got_idx, valid = r.lookup_rows(e, ids[order], views[order])[:3]
             assert got_lp.dtype == np.float32 and got_idx.dtype == np.int64 and valid.all()
             _assert_same_topk(got_lp, got_idx, lp[order], idx[order])
     assert r.bytes_on_disk() > r.bytes_on_disk(metadata=False) > 0
@@ -121,12 +121,12 @@ def test_not_ready_names_epoch_and_shard(tmp_path):
     w = _create(tmp_path / "c.zarr")
     w.write_item(0, 0, *_item(0, 0))
     r = open_cache(tmp_path / "c.zarr")
-    r.lookup(0, np.array([0, 7]), np.array([0, 1]))
+    r.lookup_rows(0, np.array([0, 7]), np.array([0, 1]))
     with pytest.raises(CacheNotReady, match="epoch 0 shard 1") as info:
-        r.lookup(0, np.array([3, 9]), np.array([0, 0]))
+        r.lookup_rows(0, np.array([3, 9]), np.array([0, 0]))
     assert (info.value.epoch, info.value.shard) == (0, 1)
     with pytest.raises(CacheNotReady, match="epoch 1 shard 0"):
-        r.lookup(1, np.array([0]), np.array([0]))
+        r.lookup_rows(1, np.array([0]), np.array([0]))
 
 
 def test_wait_done_returns_when_marked_by_another_thread(tmp_path):
@@ -140,7 +140,7 @@ def test_wait_done_returns_when_marked_by_another_thread(tmp_path):
     t.join()
     assert time.monotonic() - start < 5
     assert messages and "epoch 1 shard 2" in messages[0]
-    assert r.lookup(1, np.array([20]), np.array([1]))[2].all()
+    assert r.lookup_rows(1, np.array([20]), np.array([1])).valid.all()
     with pytest.raises(TimeoutError, match="epoch 0 shard 0"):
         r.wait_done(0, 0, timeout=0.1, poll=0.05, log=None)
 
@@ -154,7 +154,7 @@ def test_missing_rows_recorded_and_invalid(tmp_path):
                                           "reason": "partner corrupt"}]
     w.write_item(0, 1, ids[keep], views[keep], lp[keep], idx[keep], missing=missing)
     r = open_cache(tmp_path / "c.zarr")
-    got_lp, got_idx, valid = r.lookup(0, ids, views)
+    got_lp, got_idx, valid = r.lookup_rows(0, ids, views)[:3]
     np.testing.assert_array_equal(valid, keep)
     _assert_same_topk(got_lp[keep], got_idx[keep], lp[keep], idx[keep])
     assert r.missing_records() == missing
@@ -203,7 +203,7 @@ def test_concurrent_items_from_two_processes_equal_sequential(tmp_path):
     assert a.done_items() == b.done_items() == set(items)
     ids = np.repeat(np.arange(16), VIEWS)
     views = np.tile(np.arange(VIEWS), 16)
-    for x, y in zip(a.lookup(0, ids, views), b.lookup(0, ids, views)):
+    for x, y in zip(a.lookup_rows(0, ids, views)[:3], b.lookup_rows(0, ids, views)[:3]):
         np.testing.assert_array_equal(x, y)
     for name in ("prob", "index", "tail_mass", "valid"):
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
@@ -233,7 +233,7 @@ def test_variable_shard_counts_one_chunk_per_item_and_concurrent_writers(tmp_pat
     ids = np.concatenate([_item(1, s, shards=VARIABLE_SHARDS)[0] for s in range(4)])
     views = np.concatenate([_item(1, s, shards=VARIABLE_SHARDS)[1] for s in range(4)])
     order = np.random.default_rng(0).permutation(len(ids))
-    lp, idx, valid = r.lookup(1, ids[order], views[order])
+    lp, idx, valid = r.lookup_rows(1, ids[order], views[order])[:3]
     assert valid.all() and len(ids) == 23 * VIEWS
     _assert_same_topk(lp, idx, *[np.concatenate([_item(1, s, shards=VARIABLE_SHARDS)[i] for s in range(4)])[order]
                                  for i in (2, 3)])
@@ -248,7 +248,7 @@ def test_fsspec_memory_store():
     w.write_item(1, 2, *_item(1, 2))
     r = open_cache(path, expect={"k": K})
     ids, views, lp, idx = _item(1, 2)
-    got_lp, got_idx, valid = r.lookup(1, ids, views)
+    got_lp, got_idx, valid = r.lookup_rows(1, ids, views)[:3]
     _assert_same_topk(got_lp, got_idx, lp, idx)
     assert valid.all() and r.done_items() == {(1, 2)} and r.bytes_on_disk() > 0
 

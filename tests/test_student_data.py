@@ -138,7 +138,7 @@ def test_student_epochs_read_each_cached_row_once(fmnist_shards, two_view_cache,
     for epoch in (0, 1):
         rows = []
         for b in data.batches(epoch):
-            lp, idx, valid = reader.lookup(0, b["sample_id"].numpy(), b["view"].numpy())
+            lp, idx, valid = reader.lookup_rows(0, b["sample_id"].numpy(), b["view"].numpy())[:3]
             np.testing.assert_array_equal(b["teacher_indices"].numpy(), idx)
             rows += list(zip(b["sample_id"].tolist(), b["view"].tolist()))
         assert len(rows) == 256 and (sampler == "ra" or {v for _, v in rows} == {epoch})
@@ -169,7 +169,7 @@ def test_join_matches_cache_rows(fmnist_shards, tiny_cache, tmp_path):
     ids = torch.cat([b["sample_id"] for b in batches])
     assert sorted(ids.tolist()) == list(range(256))
     b = batches[3]
-    lp, idx, valid = reader.lookup(1, b["sample_id"].numpy(), b["view"].numpy())
+    lp, idx, valid = reader.lookup_rows(1, b["sample_id"].numpy(), b["view"].numpy())[:3]
     assert valid.all()
     np.testing.assert_array_equal(b["teacher_indices"].numpy(), idx)
     np.testing.assert_array_equal(b["teacher_logprobs"].numpy(), lp)
