@@ -97,3 +97,17 @@ def test_no_room_holds_more_than_30_percent_of_the_code():
     total = sum(lines.values())
     big = {room: f"{n / total:.0%}" for room, n in lines.items() if n > 0.3 * total}
     assert not big, f"rooms over 30 % of {total} lines: {big}"
+
+
+def test_old_commands_refuse_naming_the_new_ones():
+    import subprocess
+    import sys
+
+    for old, new in (("pipeline.cache", "teacher.cache"), ("pipeline.audit", "teacher.audit")):
+        proc = subprocess.run([sys.executable, "-m", old, "--config", "x.yaml"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and f"python -m {new} --config x.yaml" in proc.stderr, (old, proc.stderr)
+        # `ray submit cluster.yaml pipeline/cache.py ...` runs the file as a script: the same answer
+        proc = subprocess.run([sys.executable, str(REPO / old.replace(".", "/")) + ".py"], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and f"python -m {new}" in proc.stderr, (old, proc.stderr)
