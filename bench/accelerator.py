@@ -129,7 +129,7 @@ def replay_images(cfg: CacheJobConfig, manifest, shard_samples: dict) -> int:
     """The job's whole replay of every item on one core (workers inline, in the feed's batcher
     thread): decode once, 3 views, finish, mix, batch."""
     from teacher.pool import InlinePool
-    from teacher.work import ItemFeed
+    from teacher.feed import ItemFeed
 
     feed = ItemFeed(cfg, manifest, OUT, pool=InlinePool(), read=lambda manifest, shard: shard_samples[shard.index])
     n = 0

@@ -26,12 +26,13 @@ from tqdm import tqdm
 
 from pipeline.cli import add_debug_flag, plural, run_cli
 from pipeline.config import load_config
+from pipeline.manifest import load_manifest
 from storage import wait_for_cache
 from student import distributed
 from student.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, mark_best, prune_checkpoints,
                                 restore, rng_state, save_checkpoint, set_rng_state)
 from student.config import TrainConfig, sections_help
-from student.data import TrainData, load_manifest, make_val_loader, open_checked_cache, resolve_plan
+from student.data import TrainData, make_val_loader, open_checked_cache, resolve_plan
 from student.dryrun import format_report, schedule_report, write_order
 from student.evaluate import evaluate
 from student.losses import DistillationLoss
@@ -42,6 +43,7 @@ from student.optim import build_ema, build_optimizer, build_scheduler, end_epoch
 from student.recipe import format_recipe, recipe_inputs, recipe_rows
 from student.resume import check_fresh_run_dir, check_resume, run_identity
 from student.targets import build_targets_fn
+from teacher.device import default_device
 
 PROG = "python -m student.train"
 
@@ -224,7 +226,7 @@ def _evaluate(cfg, model, ema, aug, device, precision, dist) -> dict:
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = default_device()
     return torch.device(name)
 
 

@@ -34,6 +34,7 @@ from pipeline.manifest import load_manifest
 from pipeline.shards import read_shard
 from storage import CacheMismatchError, open_cache
 from storage.targets import TeacherTargets
+from teacher.device import default_device
 from teacher.fidelity import divergences
 from teacher.job import CacheJobConfig, make_teacher
 from teacher.model import weights_source
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tau", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0],
                    help="temperatures of the fidelity report (default 1 2 3 4)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="also write the report as JSON to this file")
     add_debug_flag(p)

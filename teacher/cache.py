@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import ray
-import torch
 from tqdm import tqdm
 
 from pipeline import urls
@@ -61,7 +60,7 @@ from pipeline.config import load_config
 from pipeline.manifest import load_manifest
 from storage import CacheMismatchError, open_cache
 from teacher.calibrate import calibrate_tail
-from teacher.device import actor_plan, pin_memory
+from teacher.device import actor_plan, default_device, pin_memory
 from teacher.feed import ItemFeed
 from teacher.job import CacheJobConfig, OpenJob, make_teacher, open_job, open_writer
 from teacher.pool import use_ray_cpus
@@ -88,7 +87,7 @@ class TeacherWorker:
     def __init__(self, cfg_dict: dict, attrs: dict, fault_marker: str | None = None):
         use_ray_cpus()  # torch threads = the actor's num_cpus, whatever OMP_NUM_THREADS says
         self.cfg = CacheJobConfig.from_dict(cfg_dict)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = default_device()
         self.manifest = load_manifest(self.cfg.shards)
         self.feed = ItemFeed(self.cfg, self.manifest, self.cfg.teacher.input_size, pin=pin_memory(self.device))
         self.teacher = make_teacher(self.cfg, self.device)

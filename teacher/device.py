@@ -12,6 +12,11 @@ import torch
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 
+def default_device() -> str:
+    """Where a run goes when told ``auto``: the GPU if there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _type(device: str | torch.device) -> str:
     return torch.device(device).type
 
