@@ -14,7 +14,7 @@ Layout (format_version 4; S = slot, the largest shard's sample count)::
     <path>/tail_mean   float32 [C];  tail_step float32 [D];  tail_basis float32 [D, C] (written last)
     <path>/tail_code   int8   [epochs, num_shards * S, views, D]  per-row tail codes
 
-The ``fidelity`` record of a done item holds the sums over (up to ``FIDELITY_ROWS``) rows of
+The ``fidelity`` record of a done item holds the sums over (up to ``teacher.fidelity.FIDELITY_ROWS``) rows of
 the TV and KL of the stored rebuild vs the full teacher distribution, for several k and τ, when
 the caching job measured it (teacher/fidelity.py) and handed it to ``write_item``; readers get
 the records and their means (storage/fidelity.py).
@@ -66,7 +66,6 @@ from storage.targets import TeacherTargets
 
 FORMAT_VERSION = 4
 LAYOUT_KEY = "kdcache_layout"
-FIDELITY_ROWS = 256  # rows per item whose fidelity is recorded (the first ones): ~0.15 s of CPU per item
 ROW_ARRAYS = ("prob", "index", "tail_mass", "tail_code", "valid", "done")  # per-row; the tail basis is per cache
 PACKED_KEY = "kdcache_packed"   # group attr of a packed copy: {"epochs": [...]} (storage/pack.py)
 PACK_MANIFEST = "pack.json"     # every file's size and sha256; written last, so it marks a complete pack
@@ -480,7 +479,7 @@ class CacheWriter(_CacheBase):
                 rows in this order, the item's fidelity record or None), the first exactly what
                 :meth:`encode` gives. Called after the checks; without it the rows are encoded here.
             fidelity: the item's fidelity record (without ``encoded``, which returns it), stored in
-                its done marker: the caching job measures it on the first ``FIDELITY_ROWS`` rows
+                its done marker: the caching job measures it on the first ``teacher.fidelity.FIDELITY_ROWS`` rows
                 against :meth:`stored` (``teacher.fidelity.item_record``); None records none.
         """
         self._check_item(epoch, shard_index)
@@ -570,12 +569,12 @@ class CacheWriter(_CacheBase):
         """What ``targets`` (a ``storage.targets.TeacherTargets`` of this cache's classes) rebuild to
         once stored: the quantization round trip of storage/encoding.py, row for row. The caching
         job measures the fidelity of the stored rows with it (teacher/fidelity.py)."""
-        if targets.log_tail is None:  # k = C: no tail
-            lp, idx, _ = encoding.round_trip(targets.logprobs.numpy(), targets.indices.numpy(),
-                                             np.zeros(len(targets.logprobs)), self.num_classes)
+        no_tail = targets.log_tail is None  # k = C
+        log_tail = np.zeros(len(targets.logprobs)) if no_tail else targets.log_tail.numpy()
+        lp, idx, lt = encoding.round_trip(targets.logprobs.numpy(), targets.indices.numpy(), log_tail,
+                                          self.num_classes)
+        if no_tail:
             return TeacherTargets(torch.from_numpy(lp), torch.from_numpy(idx))
-        lp, idx, lt = encoding.round_trip(targets.logprobs.numpy(), targets.indices.numpy(),
-                                          targets.log_tail.numpy(), self.num_classes)
         return TeacherTargets(torch.from_numpy(lp), torch.from_numpy(idx), torch.from_numpy(lt), targets.tail_shape)
 
 

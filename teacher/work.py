@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import storage.cache
 from pipeline.manifest import load_manifest
 from storage.cache import EncodedRows
 from teacher.calibrate import calibrate_tail
 from teacher.device import pin_memory
 from teacher.feed import ItemFeed
-from teacher.fidelity import item_record
+from teacher import fidelity
 from teacher.job import cache_attrs, make_teacher, open_writer
 
 
@@ -80,7 +79,7 @@ class RowEncoder:
     whole item at once."""
 
     def __init__(self, writer):
-        self.writer, self.need = writer, storage.cache.FIDELITY_ROWS  # read now: tests vary it
+        self.writer, self.need = writer, fidelity.FIDELITY_ROWS  # read now: tests vary it
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdcache-encode")
         self._parts: list = []
         self._first: list[np.ndarray] = []
@@ -92,12 +91,12 @@ class RowEncoder:
             self._first.append(logits[:self.need])
             self.need -= len(self._first[-1])
             if self.need == 0:
-                self._fidelity = self._pool.submit(item_record, self.writer, np.concatenate(self._first))
+                self._fidelity = self._pool.submit(fidelity.item_record, self.writer, np.concatenate(self._first))
 
     def result(self):
         """(EncodedRows of every row added, fidelity record): ``write_item``'s ``encoded``."""
         if self._fidelity is None and self._first:  # fewer rows than FIDELITY_ROWS in the item
-            self._fidelity = self._pool.submit(item_record, self.writer, np.concatenate(self._first))
+            self._fidelity = self._pool.submit(fidelity.item_record, self.writer, np.concatenate(self._first))
         parts = [f.result() for f in self._parts]
         if not parts:
             return self.writer.encode(np.zeros((0, self.writer.k), np.float32), np.zeros((0, self.writer.k), np.int64),

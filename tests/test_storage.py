@@ -378,13 +378,13 @@ def test_rows_encoded_while_scoring_store_what_write_item_encodes(tmp_path, monk
     encoding the whole item itself."""
     import zarr
 
-    import storage.cache
+    import teacher.fidelity
     from teacher.fidelity import item_record
     from teacher.work import RowEncoder
     from storage.cache import ROW_ARRAYS
     from storage.tail import TailModel
 
-    monkeypatch.setattr(storage.cache, "FIDELITY_ROWS", fidelity_rows)
+    monkeypatch.setattr(teacher.fidelity, "FIDELITY_ROWS", fidelity_rows)
     tail = TailModel.fit(np.concatenate([_logit_item(1, s, seed=9)[4] for s in range(3)]), dim=16, step=1.0)
     writers = {}
     for way in ("whole", "batches"):
