@@ -252,7 +252,7 @@ def replay_items(
 def replay_row(request: ReplayRequest, by_id: dict[int, RawSample], shard: ShardInfo, sample_id: int,
                partner: int, decoded: dict) -> ReplayItem | dict:
     """One row, ``sample_id`` mixed with its planned ``partner``: the pixels and target
-    :func:`replay_items` gives that row (the same plan calls), without its per-shard caches.
+    :func:`replay_items` gives that row (the same code), without its per-shard caches.
 
     Args:
         request: the plan inputs (:class:`ReplayRequest`).
@@ -264,30 +264,9 @@ def replay_row(request: ReplayRequest, by_id: dict[int, RawSample], shard: Shard
         The ReplayItem, or the skip record (shard, key, sample_id, epoch, view, reason) when the
         sample or its partner cannot be decoded.
     """
-    r = request
-    a, b = by_id[sample_id], by_id[partner]
-    img_a = _decode(r, by_id, decoded, sample_id)
-    if isinstance(img_a, SampleError):
-        return _skip_record(r, shard, a.key, sample_id, str(img_a))
-    pa = sample_params(r.cfg, r.seed, r.epoch, sample_id, r.view, img_a.size)
-    if pa.mix_mode == "none":
-        img_b, pb, label_b = None, None, a.label
-    else:
-        img_b = _decode(r, by_id, decoded, partner)
-        if isinstance(img_b, SampleError):
-            return _skip_record(r, shard, a.key, sample_id, _partner_corrupt(b.key, partner, img_b))
-        pb, label_b = sample_params(r.cfg, r.seed, r.epoch, partner, r.view, img_b.size), b.label
-    target = soft_label(pa, a.label, label_b, r.num_classes)
-    extra = _rendered(r, img_a, pa, img_b, pb, r.extra_size) if r.extra_size is not None else None
-    return ReplayItem(sample_id, a.key, a.label, _rendered(r, img_a, pa, img_b, pb, r.out_size), target,
-                      r.epoch, r.view, extra)
-
-
-def _rendered(request: ReplayRequest, img_a: Image.Image, pa: AugParams, img_b: Image.Image | None,
-              pb: AugParams | None, size: int) -> torch.Tensor:
-    """Row ``a``'s image at ``size``, augmented from scratch (mixed with ``b`` unless ``img_b`` is None)."""
-    xa = apply(img_a, pa, size, request.cfg)
-    return xa if img_b is None else mix(xa, apply(img_b, pb, size, request.cfg), pa)
+    # a fresh _Augmented: the same plan calls as replay_items, with nothing cached past this row
+    return _replay_pair(request, shard, by_id, _Augmented(request, by_id, decoded), sample_id, partner,
+                        last_use=True)
 
 
 def collate(items: Sequence[ReplayItem]) -> dict:
