@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 
 from pipeline import urls
-from pipeline.config import ConfigBase, check
-from pipeline.plan import AugConfig, fingerprint
-from teacher.model import TeacherConfig, build_teacher, checkpoint_sha256
-from teacher.weights import resolved_tag
 from pipeline.classmix import class_mix_warning
+from pipeline.config import ConfigBase, check
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.plan import AugConfig, fingerprint
 from storage import CacheMismatchError, CacheWriter, create_cache, open_cache
 from storage.tail import TailConfig
+from teacher.model import TeacherConfig, build_teacher, checkpoint_sha256
+from teacher.weights import resolved_tag
 
 REPLAY_PLACES = ("local", "ray")
 
